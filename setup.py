@@ -1,0 +1,4 @@
+"""Shim for tools that still call setup.py; the configuration lives in setup.cfg."""
+from setuptools import setup
+
+setup()
