@@ -1,0 +1,26 @@
+"""hkfit: Keras-style ``fit`` / ``evaluate`` / ``predict`` for Haiku and Optax.
+
+The whole public surface is re-exported here.
+"""
+
+from hkfit import callbacks
+from hkfit import losses
+from hkfit import metrics
+from hkfit import optimizers
+from hkfit.callbacks import Callback, History
+from hkfit.model import Model
+from hkfit.step import Batch, TrainState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "Callback",
+    "History",
+    "Model",
+    "TrainState",
+    "callbacks",
+    "losses",
+    "metrics",
+    "optimizers",
+]

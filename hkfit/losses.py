@@ -1,0 +1,116 @@
+"""Loss functions by name, built on ``optax.losses``.
+
+Every loss here maps ``(y_true, y_pred) -> per-example losses`` of shape ``[batch]``:
+the training step applies sample weights and padding masks itself, so losses never
+reduce over the batch (the optax convention).
+
+The crossentropy losses take *logits*, as Keras does with ``from_logits=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _mean_over_features(values: jax.Array) -> jax.Array:
+    """Averages every axis but the batch axis, giving one value per example."""
+    if values.ndim <= 1:
+        return values
+    return jnp.mean(values.reshape(values.shape[0], -1), axis=-1)
+
+
+def _match_trailing_unit(y_true: jax.Array, y_pred: jax.Array):
+    """Lets ``y_true`` of shape ``[b]`` meet ``y_pred`` of shape ``[b, 1]`` (and back)."""
+    if y_pred.ndim == y_true.ndim + 1 and y_pred.shape[-1] == 1:
+        y_true = y_true[..., None]
+    elif y_true.ndim == y_pred.ndim + 1 and y_true.shape[-1] == 1:
+        y_true = y_true[..., 0]
+    return y_true
+
+
+def sparse_categorical_crossentropy(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
+    """Softmax crossentropy from logits ``[b, ..., classes]`` and integer labels ``[b, ...]``."""
+    losses = optax.losses.softmax_cross_entropy_with_integer_labels(
+            y_pred, jnp.asarray(y_true).astype(jnp.int32))
+    return _mean_over_features(losses)
+
+
+def categorical_crossentropy(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
+    """Softmax crossentropy from logits and one-hot (or soft) labels of the same shape."""
+    return _mean_over_features(optax.losses.softmax_cross_entropy(y_pred, y_true))
+
+
+def binary_crossentropy(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
+    """Sigmoid crossentropy from logits; labels in ``[0, 1]``."""
+    y_true = _match_trailing_unit(y_true, y_pred).astype(y_pred.dtype)
+    return _mean_over_features(optax.losses.sigmoid_binary_cross_entropy(y_pred, y_true))
+
+
+def mse(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
+    """Mean squared error per example."""
+    y_true = _match_trailing_unit(y_true, y_pred)
+    return _mean_over_features(optax.losses.squared_error(y_pred, y_true.astype(y_pred.dtype)))
+
+
+def mae(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
+    """Mean absolute error per example."""
+    y_true = _match_trailing_unit(y_true, y_pred)
+    return _mean_over_features(jnp.abs(y_pred - y_true.astype(y_pred.dtype)))
+
+
+def huber(y_true: jax.Array, y_pred: jax.Array, delta: float = 1.0) -> jax.Array:
+    """Huber loss per example (``delta=1``, as Keras)."""
+    y_true = _match_trailing_unit(y_true, y_pred)
+    return _mean_over_features(
+            optax.losses.huber_loss(y_pred, y_true.astype(y_pred.dtype), delta=delta))
+
+
+_LOSSES: dict[str, LossFn] = {
+        "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
+        "categorical_crossentropy": categorical_crossentropy,
+        "binary_crossentropy": binary_crossentropy,
+        "mse": mse,
+        "mean_squared_error": mse,
+        "mae": mae,
+        "mean_absolute_error": mae,
+        "huber": huber,
+}
+
+
+def get(loss: str | LossFn) -> LossFn:
+    """Resolves a loss name or callable to a per-example loss function.
+
+    Args:
+        loss: one of the names in ``hkfit.losses.names()`` or a callable
+            ``(y_true, y_pred) -> per-example losses`` of shape ``[batch]``.
+
+    Returns:
+        The per-example loss function.
+
+    Raises:
+        ValueError: for an unknown name.
+        TypeError: for anything that is neither a string nor a callable.
+
+    >>> get("mse")(jnp.zeros((2, 3)), jnp.ones((2, 3))).shape
+    (2,)
+    """
+    if isinstance(loss, str):
+        if loss not in _LOSSES:
+            raise ValueError(f"Unknown `loss` name. Expected one of {sorted(_LOSSES)} or a "
+                                              f"callable (y_true, y_pred) -> per-example losses. Received: loss={loss!r}.")
+        return _LOSSES[loss]
+    if callable(loss):
+        return loss
+    raise TypeError("Expected `loss` to be a loss name or a callable (y_true, y_pred) -> "
+                                    f"per-example losses. Received: loss={loss!r} of type {type(loss).__name__}.")
+
+
+def names() -> list[str]:
+    """The loss names that :func:`get` accepts."""
+    return sorted(_LOSSES)

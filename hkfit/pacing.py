@@ -1,0 +1,60 @@
+"""How many fused steps to run per call (``steps_per_execution``).
+
+Each jitted call costs a dispatch (tens of microseconds of Python and runtime work); on
+small batches that is a large share of a step. ``"auto"`` measures the time per step
+after compilation and picks the number of steps per call so that one call takes about
+``target`` seconds: dispatch overhead becomes negligible while the progress bar and batch
+callbacks still see an update at least every ``target`` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+
+MAX_STEPS = 1 << 16
+
+
+class Pacer:
+    """Chooses the size of the next execution and times the previous one.
+
+    Args:
+      steps_per_execution: ``"auto"`` or an int >= 1.
+      target: seconds one execution should take in ``"auto"`` mode.
+    """
+
+    def __init__(self, steps_per_execution: Any = "auto", target: float = 0.2):
+        if steps_per_execution != "auto" and (
+                not isinstance(steps_per_execution, int) or isinstance(steps_per_execution, bool)
+                or steps_per_execution < 1):
+            raise ValueError("Expected `steps_per_execution` to be 'auto' or an int >= 1. "
+                             f"Received: steps_per_execution={steps_per_execution!r}.")
+        self.auto = steps_per_execution == "auto"
+        self.steps = 1 if self.auto else steps_per_execution
+        self.target = target
+        self._calls = 0
+        self._started = 0.0
+
+    @property
+    def syncs(self) -> bool:
+        """Whether each execution is waited for (needed to time it in ``"auto"`` mode)."""
+        return self.auto
+
+    def next(self, remaining: int) -> int:
+        """Steps for the next execution, at most ``remaining``."""
+        self._started = time.perf_counter()
+        return max(0, min(self.steps, remaining))
+
+    def done(self, count: int, result: Any) -> None:
+        """Records an execution of ``count`` steps whose output is ``result``."""
+        self._calls += 1
+        if not self.auto or count == 0:
+            return
+        jax.block_until_ready(result)
+        seconds = time.perf_counter() - self._started
+        if self._calls == 1:  # the first call compiles; time the next one
+            return
+        per_step = max(seconds / count, 1e-7)
+        self.steps = int(min(MAX_STEPS, max(1, self.target / per_step)))

@@ -1,0 +1,221 @@
+"""Pure training, evaluation and prediction steps.
+
+Everything here is a pure function over NamedTuples, built once per model and jitted by
+the caller. The *fused* variants run many batches per call: the dataset lives on the
+device, each batch is gathered from it inside the compiled loop by row indices, and the
+number of batches per call is a traced argument, so changing it never recompiles.
+
+Conventions:
+  * ``apply_train(params, state, rng, x) -> (y_pred, new_state)`` runs the forward
+    function in training mode; ``apply_eval(params, state, x) -> y_pred`` in inference
+    mode (no state update, fixed randomness).
+  * ``weights`` has one entry per row: sample weight x class weight, 0 for padding.
+    A batch objective is ``sum(w * loss) / sum(w)``.
+  * Metric states (``logs``) are a tuple ``(loss_state, *metric_states)`` that stays on
+    the device; see :mod:`hkfit.metrics`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hkfit import metrics as metrics_lib
+
+PyTree = Any
+ApplyTrain = Callable[[PyTree, PyTree, jax.Array, PyTree], tuple]
+ApplyEval = Callable[[PyTree, PyTree, PyTree], PyTree]
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training.
+
+    Attributes:
+      params: Haiku parameters.
+      state: Haiku state (e.g. BatchNorm moving averages).
+      opt_state: Optax optimizer state.
+      rng: the training key; step ``s`` draws from ``fold_in(rng, s)``.
+      step: number of optimizer steps taken (int32 scalar).
+    """
+    params: PyTree
+    state: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+    step: jax.Array
+
+
+class Batch(NamedTuple):
+    """One batch: inputs, targets and per-row weights (0 marks padding)."""
+    x: PyTree
+    y: PyTree
+    weights: jax.Array
+
+
+LOSS_METRIC = metrics_lib.Mean(lambda _, values: values, "loss")
+
+
+def empty_logs(metrics: Sequence[Any]) -> tuple:
+    """Metric states of no example seen: ``(loss_state, *metric_states)``."""
+    return (LOSS_METRIC.empty(), *(m.empty() for m in metrics))
+
+
+def update_logs(logs: tuple, metrics: Sequence[Any], batch: Batch, y_pred: PyTree,
+                per_example_loss: jax.Array) -> tuple:
+    """Adds one batch to the metric states."""
+    loss_state = LOSS_METRIC.update(logs[0], None, per_example_loss, batch.weights)
+    others = tuple(m.update(s, batch.y, y_pred, batch.weights) for m, s in zip(metrics, logs[1:]))
+    return (loss_state, *others)
+
+
+def compute_logs(logs: tuple, metrics: Sequence[Any]) -> dict[str, float]:
+    """Turns (host or device) metric states into a dict of Python floats."""
+    values = {"loss": LOSS_METRIC.compute(logs[0])}
+    values.update({m.name: m.compute(s) for m, s in zip(metrics, logs[1:])})
+    return {k: float(v) for k, v in values.items()}
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """``sum(w * values) / sum(w)``; rows with ``w == 0`` contribute neither value nor gradient."""
+    total = jnp.sum(jnp.where(weights > 0, weights * values, 0.0))
+    return total / jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
+
+
+def gather(tree: PyTree, rows: jax.Array) -> PyTree:
+    """Takes ``rows`` along axis 0 of every leaf."""
+    return jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0), tree)
+
+
+def make_train_step(apply_train: ApplyTrain, loss_fn: Callable, optimizer: optax.GradientTransformation,
+                    metrics: Sequence[Any] = ()) -> Callable:
+    """Builds ``train_step(ts, logs, batch) -> (ts, logs)`` for one batch.
+
+    Args:
+      apply_train: the forward function in training mode.
+      loss_fn: ``(y_true, y_pred) -> per-example losses``.
+      optimizer: the Optax transformation.
+      metrics: metric objects (see :mod:`hkfit.metrics`), updated with the train-mode output.
+
+    Returns:
+      A pure function; dropout keys are ``fold_in(ts.rng, ts.step)``.
+    """
+
+    def train_step(ts: TrainState, logs: tuple, batch: Batch):
+        key = jax.random.fold_in(ts.rng, ts.step)
+
+        def objective(params):
+            y_pred, new_state = apply_train(params, ts.state, key, batch.x)
+            per_example = loss_fn(batch.y, y_pred)
+            return weighted_mean(per_example, batch.weights), (y_pred, new_state, per_example)
+
+        grads, (y_pred, new_state, per_example) = jax.grad(objective, has_aux=True)(ts.params)
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        logs = update_logs(logs, metrics, batch, y_pred, jax.lax.stop_gradient(per_example))
+        return TrainState(params, new_state, opt_state, ts.rng, ts.step + 1), logs
+
+    return train_step
+
+
+def make_eval_step(apply_eval: ApplyEval, loss_fn: Callable, metrics: Sequence[Any] = ()) -> Callable:
+    """Builds ``eval_step(params, state, logs, batch) -> logs`` for one batch."""
+
+    def eval_step(params, state, logs: tuple, batch: Batch):
+        y_pred = apply_eval(params, state, batch.x)
+        return update_logs(logs, metrics, batch, y_pred, loss_fn(batch.y, y_pred))
+
+    return eval_step
+
+
+def make_predict_step(apply_eval: ApplyEval) -> Callable:
+    """Builds ``predict_step(params, state, x) -> y_pred`` for one batch."""
+
+    def predict_step(params, state, x):
+        return apply_eval(params, state, x)
+
+    return predict_step
+
+
+# --- Fused loops over device-resident data -------------------------------------------------
+
+
+def make_fused_train(train_step: Callable) -> Callable:
+    """Runs many training steps per call over a dataset that lives on the device.
+
+    The returned ``run(ts, logs, data, idx, start, count, tail, run_tail)`` takes
+    ``data = Batch(x, y, weights)`` holding every row, ``idx[num_batches, batch_size]``
+    holding the epoch's row order, and trains on batches ``start, ..., start + count - 1``;
+    then, if ``run_tail`` is true, on the rows ``tail`` (the epoch's last, smaller batch,
+    or ``None`` when the batch size divides the data). ``start``, ``count`` and
+    ``run_tail`` are traced: one compilation serves any split of an epoch into calls, so
+    K fused steps give bit-identical results to K calls of one step.
+    """
+
+    def run(ts, logs, data: Batch, idx, start, count, tail, run_tail):
+        def body(j, carry):
+            rows = jax.lax.dynamic_index_in_dim(idx, start + j, keepdims=False)
+            return train_step(*carry, gather(data, rows))
+
+        carry = jax.lax.fori_loop(0, count, body, (ts, logs))
+        if tail is not None:
+            carry = jax.lax.cond(run_tail, lambda c: train_step(*c, gather(data, tail)),
+                                 lambda c: c, carry)
+        return carry
+
+    return run
+
+
+def padded_rows(batch_index, batch_size: int, num_rows: int):
+    """Rows of batch ``batch_index`` clipped to the data, and 1/0 validity of each."""
+    rows = batch_index * batch_size + jnp.arange(batch_size)
+    return jnp.minimum(rows, num_rows - 1), (rows < num_rows).astype(jnp.float32)
+
+
+def num_rows_of(tree: PyTree) -> int:
+    """Leading size shared by every leaf (static under jit)."""
+    return jax.tree_util.tree_leaves(tree)[0].shape[0]
+
+
+def make_fused_eval(eval_step: Callable, batch_size: int) -> Callable:
+    """``run(params, state, logs, data, start, count) -> logs`` over batches of a dataset.
+
+    The last batch is padded with copies of the last row whose weight is 0, so metrics are
+    exact over every row and every call has the same shapes.
+    """
+
+    def run(params, state, logs, data: Batch, start, count):
+        n = num_rows_of(data.x)
+
+        def body(j, logs):
+            rows, valid = padded_rows(start + j, batch_size, n)
+            batch = gather(data, rows)
+            return eval_step(params, state, logs, batch._replace(weights=batch.weights * valid))
+
+        return jax.lax.fori_loop(0, count, body, logs)
+
+    return run
+
+
+def make_fused_predict(predict_step: Callable, batch_size: int) -> Callable:
+    """``run(params, state, out, x, start, count) -> out`` writing predictions into ``out``.
+
+    ``out`` is a buffer (pytree) with ``num_batches * batch_size`` rows; the caller keeps
+    the first ``len(x)`` rows.
+    """
+
+    def run(params, state, out, x, start, count):
+        n = num_rows_of(x)
+
+        def body(j, out):
+            rows, _ = padded_rows(start + j, batch_size, n)
+            y = predict_step(params, state, gather(x, rows))
+            offset = (start + j) * batch_size
+            return jax.tree_util.tree_map(
+                lambda o, v: jax.lax.dynamic_update_slice_in_dim(o, v.astype(o.dtype), offset, 0),
+                out, y)
+
+        return jax.lax.fori_loop(0, count, body, out)
+
+    return run
