@@ -1,5 +1,10 @@
 """Callbacks with Keras hook names, and the built-ins ``History`` and ``ProgressBar``.
 
+Also re-exported here: ``EarlyStopping``, ``TerminateOnNaN``, ``LambdaCallback``,
+``LearningRateScheduler``, ``ReduceLROnPlateau`` (from :mod:`hkfit.callbacks_builtin`) and
+``ModelCheckpoint``, ``BackupAndRestore``, ``CSVLogger``, ``TensorBoard`` (from
+:mod:`hkfit.callbacks_io`).
+
 A callback subclasses :class:`Callback` and overrides any of the hooks. ``self.model``
 is the :class:`hkfit.Model` being trained; setting ``model.stop_training = True`` stops
 after the current epoch.
@@ -18,6 +23,8 @@ import time
 from typing import Any, Iterable
 
 import numpy as np
+
+from hkfit.distributed import is_main_process
 
 _HOOKS = (
     "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
@@ -136,12 +143,15 @@ def in_notebook() -> bool:
 
 
 def resolve_verbose(verbose: Any) -> int:
-    """``"auto"`` -> 1 on a terminal or in a notebook, 2 otherwise (log files)."""
+    """``"auto"`` -> 1 on a terminal or in a notebook, 2 otherwise (log files).
+
+    Always 0 outside process 0 of a multi-process run: only the main process prints.
+    """
     if verbose == "auto":
-        return 1 if (sys.stderr.isatty() or in_notebook()) else 2
+        verbose = 1 if (sys.stderr.isatty() or in_notebook()) else 2
     if verbose not in (0, 1, 2) or isinstance(verbose, bool):
         raise ValueError(f"Expected `verbose` to be 'auto', 0, 1 or 2. Received: verbose={verbose!r}.")
-    return int(verbose)
+    return int(verbose) if is_main_process() else 0
 
 
 def _make_bar(**kwargs):
@@ -208,3 +218,10 @@ class ProgressBar(Callback):
 
     def wants_batch_logs(self) -> bool:
         return False
+
+
+# The built-ins live in two small modules that import the base classes above; they are
+# re-exported here so that ``hkfit.callbacks.X`` is the one public path.
+from hkfit.callbacks_builtin import (  # noqa: E402
+    EarlyStopping, LambdaCallback, LearningRateScheduler, ReduceLROnPlateau, TerminateOnNaN)
+from hkfit.callbacks_io import BackupAndRestore, CSVLogger, ModelCheckpoint, TensorBoard  # noqa: E402

@@ -27,11 +27,16 @@ def is_array(value: Any) -> bool:
 
 
 def is_array_tree(value: Any) -> bool:
-    """True for an array or a dict/list/tuple pytree whose leaves are all arrays."""
-    if value is None:
+    """True for an array or a (nested) dict/list/tuple whose leaves are all arrays."""
+    if is_array(value):
+        return True
+    if isinstance(value, dict):
+        children = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        children = list(value)
+    else:
         return False
-    leaves = jax.tree_util.tree_leaves(value, is_leaf=is_array)
-    return bool(leaves) and all(is_array(leaf) for leaf in leaves)
+    return bool(children) and all(is_array_tree(child) for child in children)
 
 
 def num_rows(tree: PyTree, name: str) -> int:
@@ -126,7 +131,8 @@ def epoch_order(key: jax.Array, epoch, *, num_rows: int, batch_size: int, shuffl
     """The epoch's row order as full batches ``[num_batches, batch_size]`` and a tail.
 
     The order is a function of ``(key, epoch)`` only, so a resumed run sees the same
-    batches. The tail holds the ``num_rows % batch_size`` leftover rows (``None`` if 0).
+    batches. The tail ``[1, num_rows % batch_size]`` holds the leftover rows (``None`` if
+    there are none).
     """
     order = jnp.arange(num_rows, dtype=jnp.int32)
     if shuffle:
@@ -135,7 +141,7 @@ def epoch_order(key: jax.Array, epoch, *, num_rows: int, batch_size: int, shuffl
     full = order[:num_full * batch_size].reshape(num_full, batch_size)
     if num_full == 0:  # a placeholder row keeps the fused loop's shapes valid
         full = jnp.zeros((1, batch_size), jnp.int32)
-    tail = order[num_full * batch_size:] if num_rows % batch_size else None
+    tail = order[None, num_full * batch_size:] if num_rows % batch_size else None
     return full, tail
 
 

@@ -37,7 +37,10 @@ class ArraySource:
     """Arrays put on the device once; each epoch is one device permutation plus fused calls."""
 
     def __init__(self, model, x, y, sample_weight, class_weight, batch_size: int, shuffle: bool,
-                 steps_per_epoch: int | None, validation_split: float, check_inputs: bool, pacer):
+                 steps_per_epoch: int | None, validation_split: float, check_inputs: bool,
+                 steps_per_execution):
+        if model.distribution is not None:  # a global batch size -> this process's rows of it
+            batch_size = model.distribution.check_batch_size(batch_size)
         x, y = data_lib.to_numpy(x), data_lib.to_numpy(y)
         n = data_lib.num_rows(x, "x")
         if data_lib.num_rows(y, "y") != n:
@@ -65,7 +68,8 @@ class ArraySource:
         weights = data_lib.row_weights(n, y, sample_weight, class_weight)
         model._build(x, y)
 
-        self.model, self.n, self.batch_size, self.shuffle, self.pacer = model, n, batch_size, shuffle, pacer
+        self.model, self.n, self.batch_size, self.shuffle = model, n, batch_size, shuffle
+        self.pacer = model._pacer("train", steps_per_execution)
         self.num_full = n // batch_size
         self.has_tail = n % batch_size > 0
         if steps_per_epoch is not None and steps_per_epoch < self.num_full + self.has_tail:
@@ -78,23 +82,22 @@ class ArraySource:
         model = self.model
         full, tail = data_lib.epoch_order(model._stream_shuffle(), epoch, num_rows=self.n,
                                           batch_size=self.batch_size, shuffle=self.shuffle)
-        if not self.has_tail:
-            tail = None
-        fused = model._fn("train_fused")
+        full, tail = model._place((full, tail))  # on the distribution's devices, if any
+        run = model._fn("train_fused" if self.pacer.fused else "train_stepwise")
         logs = model._empty_logs()
         read = _LogReader(model, every_batch, progress)
-        start = 0
-        while start < self.num_full or (start == 0 and tail is not None):
-            count = self.pacer.next(self.num_full - start)
-            run_tail = tail is not None and start + count == self.num_full
-            cbs.on_train_batch_begin(start)
-            ts, logs = fused(model.train_state, logs, self.data, full, start, count, tail, run_tail)
-            model.train_state = ts
-            self.pacer.done(count, ts.step)
-            start += count
-            cbs.on_train_batch_end(start - 1 + run_tail, read(logs))
-            if run_tail or model.stop_training:
-                break
+        calls = [(full, self.num_full)] + ([(tail, 1)] if self.has_tail else [])
+        done = 0
+        for idx, num_batches in calls:
+            start = 0
+            while start < num_batches and not model.stop_training:
+                count = self.pacer.next(num_batches - start)
+                cbs.on_train_batch_begin(done)
+                ts, logs = run(model.train_state, logs, self.data, idx, start, count)
+                model.train_state = ts
+                self.pacer.done(count, ts.step)
+                start, done = start + count, done + count
+                cbs.on_train_batch_end(done - 1, read(logs))
         return model._read_logs(logs)
 
 

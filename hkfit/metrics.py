@@ -95,8 +95,8 @@ def binary_accuracy(y_true, y_pred, threshold: float = 0.0):
 
 
 def top_k_accuracy(y_true, y_pred, k: int = 5):
-    """1.0 where the integer label is among the ``k`` largest predictions."""
-    _, top = jax.lax.top_k(y_pred, k)
+    """1.0 where the integer label is among the ``k`` largest predictions (all, if fewer)."""
+    _, top = jax.lax.top_k(y_pred, min(k, y_pred.shape[-1]))
     labels = jnp.asarray(y_true).astype(jnp.int32)
     return _per_example(jnp.any(top == labels[..., None], axis=-1))
 

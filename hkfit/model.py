@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hkfit import callbacks as callbacks_lib
+from hkfit import checkpoint as checkpoint_lib
 from hkfit import data as data_lib
 from hkfit import forward as forward_lib
 from hkfit import losses as losses_lib
@@ -25,6 +26,7 @@ from hkfit import optimizers as optimizers_lib
 from hkfit import step as step_lib
 from hkfit.epochs import ArraySource as _ArraySource
 from hkfit.epochs import IterableSource as _IterableSource
+from hkfit import pacing
 from hkfit.pacing import Pacer
 from hkfit.step import Batch, TrainState
 
@@ -168,6 +170,22 @@ class Model:
         """
         return self._forward.apply_eval(params, state, self._stream(_INFER), x)
 
+    def vmap(self, in_axes: Any, out_axes: Any = -1) -> "Model":
+        """A view of this model whose predict/evaluate vmap ``apply_fn`` inside each batch.
+
+        The view shares this model's parameters and state (read at call time, never
+        copied). Axes count the batch axis 0, which can be neither mapped nor an output
+        axis. See :class:`hkfit.multiview.ModelView`.
+
+        >>> # x.shape == (n, 16, 16, 3, 5): 5 views on the last axis
+        >>> # model.vmap(in_axes=4, out_axes=4).predict(x)[..., v] == model.predict(x[..., v])
+
+        Raises:
+          ValueError / TypeError: if an axis is 0 or not an int / None.
+        """
+        from hkfit.multiview import ModelView  # multiview imports this module
+        return ModelView(self, in_axes, out_axes)
+
     def init(self, x: Any) -> "Model":
         """Creates parameters, state and optimizer state from an example batch ``x``.
 
@@ -251,11 +269,14 @@ class Model:
 
     def _make(self, name: str):
         metrics = self._metrics or []
-        if name in ("train", "train_fused"):
+        if name.startswith("train"):
             step = step_lib.make_train_step(self._forward.apply_train, self._loss_fn,
                                             self.optimizer, metrics)
-            body = step if name == "train" else step_lib.make_fused_train(step)
-            return jax.jit(body, donate_argnums=(0, 1))
+            if name != "train":  # "train_fused" or "train_stepwise"
+                layout = (self.distribution.step_options("train")
+                          if self.distribution is not None else {})
+                step = step_lib.make_fused_train(step, fuse=name == "train_fused", **layout)
+            return jax.jit(step, donate_argnums=(0, 1))
         if name == "eval":
             return jax.jit(step_lib.make_eval_step(self._apply_eval, self._loss_fn, metrics),
                            donate_argnums=(2,))
@@ -263,26 +284,40 @@ class Model:
             return jax.jit(step_lib.make_predict_step(self._apply_eval))
         raise KeyError(name)
 
-    def _fused(self, name: str, batch_size: int):
-        key = f"{name}_fused/{batch_size}"
+    def _fused(self, name: str, batch_size: int, fuse: bool = True):
+        """The jitted many-batches-per-call eval or predict function for ``batch_size``."""
+        key = f"{name}_fused/{batch_size}/{fuse}"
         if key not in self._fns:
+            layout = {} if self.distribution is None else self.distribution.step_options(name)
             if name == "eval":
                 run = step_lib.make_fused_eval(
                     step_lib.make_eval_step(self._apply_eval, self._loss_fn, self._metrics or []),
-                    batch_size)
-                self._fns[key] = jax.jit(run, donate_argnums=(2,))
+                    batch_size, fuse, **layout)
             else:
                 run = step_lib.make_fused_predict(step_lib.make_predict_step(self._apply_eval),
-                                                  batch_size)
-                self._fns[key] = jax.jit(run, donate_argnums=(2,))
+                                                  batch_size, fuse, **layout)
+            self._fns[key] = jax.jit(run, donate_argnums=(2,))
         return self._fns[key]
 
+    def _loops_help(self) -> bool:
+        """Whether fusing steps into a compiled loop pays off for this model (see pacing)."""
+        if "loops_help" not in self._fns:
+            ts = self._require_built("fit")
+            example = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self._input_spec)
+            platform = (self.distribution.platform if hasattr(self.distribution, "platform")
+                        else None)
+            self._fns["loops_help"] = pacing.loops_help(
+                self._forward.apply_eval, ts.params, ts.state, self._stream(_INFER), example,
+                platform=platform)
+        return self._fns["loops_help"]
+
     def _pacer(self, kind: str, steps_per_execution: Any) -> Pacer:
-        pacer = self._pacers.get(kind)
-        if pacer is None or (pacer.auto != (steps_per_execution == "auto")) or (
-                not pacer.auto and pacer.steps != steps_per_execution):
-            pacer = self._pacers[kind] = Pacer(steps_per_execution)
-        return pacer
+        """The model's pacer for ``kind`` (kept across calls: it remembers its timing)."""
+        pacing.check(steps_per_execution)
+        key = (kind, steps_per_execution)
+        if key not in self._pacers:
+            self._pacers[key] = Pacer(steps_per_execution, fuse_auto=self._loops_help())
+        return self._pacers[key]
 
     def _empty_logs(self):
         return self._place(step_lib.empty_logs(self._metrics or []))
@@ -348,7 +383,7 @@ class Model:
                                                     "validation_batch_size")
         validation_freq = _validation_epochs(validation_freq)
         verbose = callbacks_lib.resolve_verbose(verbose)
-        pacer = self._pacer("train", steps_per_execution)
+        pacing.check(steps_per_execution)
 
         if y is None and not isinstance(x, dict) and not data_lib.is_array(x):
             if validation_split:
@@ -363,7 +398,8 @@ class Model:
             if y is None:
                 raise ValueError("Expected targets `y` for array inputs `x`. Received: y=None.")
             source = _ArraySource(self, x, y, sample_weight, class_weight, batch_size, shuffle,
-                                  steps_per_epoch, validation_split, check_inputs, pacer)
+                                  steps_per_epoch, validation_split, check_inputs,
+                                  steps_per_execution)
             if validation_split:
                 validation_data = source.validation
         val = None
@@ -378,6 +414,10 @@ class Model:
         self.stop_training = False
         batch_logs = cbs.wants_batch_logs()
         cbs.on_train_begin()
+        resume_epoch = getattr(self, "_resume_epoch", None)  # set by BackupAndRestore
+        if resume_epoch is not None:
+            self._resume_epoch = None
+            initial_epoch = max(initial_epoch, int(resume_epoch))
         epoch_logs: dict = {}
         for epoch in range(initial_epoch, epochs):
             if self.stop_training:
@@ -427,19 +467,19 @@ class Model:
             self._build(x, y)
             weights = data_lib.row_weights(n, y, sample_weight, None)
             return _EvalArrays(self._place_rows(Batch(x, y, weights)), n, min(batch_size, n))
-        if data_lib.is_array_tree(data):
+        if isinstance(data, dict) or data_lib.is_array(data):
             raise ValueError("Expected targets `y` to evaluate array inputs. Received: y=None.")
-        return data
+        return data  # an iterable of (x, y[, w]) batches, as in fit
 
     def _run_evaluation(self, source, cbs, steps_per_execution, quiet=False, steps=None):
         metrics_logs = self._empty_logs()
         ts = self._require_built("evaluate")
         if isinstance(source, _EvalArrays):
-            run = self._fused("eval", source.batch_size)
+            pacer = self._pacer("eval", steps_per_execution)
+            run = self._fused("eval", source.batch_size, pacer.fused)
             total = math.ceil(source.n / source.batch_size)
             if steps is not None:
                 total = min(total, steps)
-            pacer = self._pacer("eval", steps_per_execution)
             start = 0
             while start < total:
                 count = pacer.next(total - start)
@@ -540,8 +580,8 @@ class Model:
         out = self._place(jax.tree_util.tree_map(
             lambda s: jnp.zeros((total * batch_size, *s.shape[1:]), s.dtype), spec))
         x = self._place_rows(x)
-        run = self._fused("predict", batch_size)
         pacer = self._pacer("predict", steps_per_execution)
+        run = self._fused("predict", batch_size, pacer.fused)
         start = 0
         while start < total:
             count = pacer.next(total - start)
@@ -576,7 +616,7 @@ class Model:
         self._build(x, y)
         weights = data_lib.row_weights(n, y, sample_weight, class_weight)
         self._ts, logs = self._fn("train")(self._ts, self._empty_logs(),
-                                           self._device_batch((x, y, weights)))
+                                           Batch(*self._device_batch((x, y, weights))))
         return self._read_logs(logs)
 
     def test_on_batch(self, x: Any, y: Any, *, sample_weight: Any = None) -> dict[str, float]:
@@ -594,6 +634,37 @@ class Model:
         x = data_lib.to_numpy(x)
         self.init(x)
         return jax.device_get(self._fn("predict")(self.params, self.state, x))
+
+    # --- save / load --------------------------------------------------------------------
+
+    def save(self, path: str) -> None:
+        """Writes the full training state to one file, atomically (see :mod:`hkfit.checkpoint`).
+
+        Saves params, state, opt_state, rng, step, ``epoch`` and the history, plus the input
+        spec so that :meth:`load` works on a fresh model. Arrays and JSON only, never pickle.
+
+        >>> # model.save("run/model.npz"); Model(forward, loss=...).load("run/model.npz")
+        """
+        checkpoint_lib.save_model(self, path)
+
+    def load(self, path: str) -> "Model":
+        """Restores a file written by :meth:`save` (also into a never-initialized model).
+
+        Raises:
+          ValueError: naming the first tree path that differs, or if the file is corrupted,
+            holds pickled data or holds weights only.
+        """
+        checkpoint_lib.load_model(self, path)
+        return self
+
+    def save_weights(self, path: str) -> None:
+        """Writes params and state only (atomically, arrays and JSON, never pickle)."""
+        checkpoint_lib.save_model(self, path, weights_only=True)
+
+    def load_weights(self, path: str) -> "Model":
+        """Restores params and state from a file written by :meth:`save_weights` or :meth:`save`."""
+        checkpoint_lib.load_model(self, path, weights_only=True)
+        return self
 
     # --- summary ------------------------------------------------------------------------
 

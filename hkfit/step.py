@@ -141,36 +141,56 @@ def make_predict_step(apply_eval: ApplyEval) -> Callable:
 # --- Fused loops over device-resident data -------------------------------------------------
 
 
-def make_fused_train(train_step: Callable) -> Callable:
+def _identity(tree: PyTree) -> PyTree:
+    return tree
+
+
+def make_fused_train(train_step: Callable, fuse: bool = True,
+                     shard_batch: Callable | None = None) -> Callable:
     """Runs many training steps per call over a dataset that lives on the device.
 
-    The returned ``run(ts, logs, data, idx, start, count, tail, run_tail)`` takes
-    ``data = Batch(x, y, weights)`` holding every row, ``idx[num_batches, batch_size]``
-    holding the epoch's row order, and trains on batches ``start, ..., start + count - 1``;
-    then, if ``run_tail`` is true, on the rows ``tail`` (the epoch's last, smaller batch,
-    or ``None`` when the batch size divides the data). ``start``, ``count`` and
-    ``run_tail`` are traced: one compilation serves any split of an epoch into calls, so
-    K fused steps give bit-identical results to K calls of one step.
+    The returned ``run(ts, logs, data, idx, start, count)`` takes ``data = Batch(x, y,
+    weights)`` holding every row and ``idx[num_batches, batch_size]`` holding the epoch's
+    row order, and trains on batches ``start, ..., start + count - 1``. ``start`` and
+    ``count`` are traced: one compilation serves any split of an epoch into calls, so K
+    fused steps give bit-identical results to K calls of one step. The epoch's last,
+    smaller batch is a call of its own with ``idx`` of shape ``[1, rows]``.
+
+    With ``fuse=False`` no loop is compiled: each call runs the one batch ``start``
+    (``count`` must be 1). XLA on CPU runs convolutions inside loop bodies far slower than
+    at top level, so convolutional models train faster that way there.
+
+    ``shard_batch`` (from a distribution, see ``DataParallel.step_options``) lays out each
+    gathered batch, e.g. ``jax.lax.with_sharding_constraint`` over the devices.
     """
+    shard = shard_batch or _identity
 
-    def run(ts, logs, data: Batch, idx, start, count, tail, run_tail):
-        def body(j, carry):
-            rows = jax.lax.dynamic_index_in_dim(idx, start + j, keepdims=False)
-            return train_step(*carry, gather(data, rows))
+    def one(ts, logs, data: Batch, idx, b):
+        rows = jax.lax.dynamic_index_in_dim(idx, b, keepdims=False)
+        return train_step(ts, logs, shard(gather(data, rows)))
 
-        carry = jax.lax.fori_loop(0, count, body, (ts, logs))
-        if tail is not None:
-            carry = jax.lax.cond(run_tail, lambda c: train_step(*c, gather(data, tail)),
-                                 lambda c: c, carry)
-        return carry
+    def run(ts, logs, data: Batch, idx, start, count):
+        if not fuse:
+            return one(ts, logs, data, idx, start)
+        return jax.lax.fori_loop(0, count, lambda j, c: one(*c, data, idx, start + j), (ts, logs))
 
     return run
 
 
-def padded_rows(batch_index, batch_size: int, num_rows: int):
-    """Rows of batch ``batch_index`` clipped to the data, and 1/0 validity of each."""
-    rows = batch_index * batch_size + jnp.arange(batch_size)
-    return jnp.minimum(rows, num_rows - 1), (rows < num_rows).astype(jnp.float32)
+def padded_rows(batch_index, batch_size: int, num_rows: int, width: int | None = None):
+    """Rows of batch ``batch_index`` clipped to the data, and 1/0 validity of each.
+
+    ``width`` rows (default ``batch_size``) are returned; those past ``batch_size`` are
+    padding with validity 0 (e.g. to make a batch divide the number of devices).
+    """
+    offsets = jnp.arange(batch_size if width is None else width)
+    rows = batch_index * batch_size + offsets
+    valid = (offsets < batch_size) & (rows < num_rows)
+    return jnp.minimum(rows, num_rows - 1), valid.astype(jnp.float32)
+
+
+def _padded_width(batch_size: int, multiple: int) -> int:
+    return -(-batch_size // multiple) * multiple
 
 
 def num_rows_of(tree: PyTree) -> int:
@@ -178,44 +198,59 @@ def num_rows_of(tree: PyTree) -> int:
     return jax.tree_util.tree_leaves(tree)[0].shape[0]
 
 
-def make_fused_eval(eval_step: Callable, batch_size: int) -> Callable:
+def make_fused_eval(eval_step: Callable, batch_size: int, fuse: bool = True,
+                    shard_batch: Callable | None = None, multiple: int = 1) -> Callable:
     """``run(params, state, logs, data, start, count) -> logs`` over batches of a dataset.
 
     The last batch is padded with copies of the last row whose weight is 0, so metrics are
-    exact over every row and every call has the same shapes.
+    exact over every row and every call has the same shapes. ``fuse=False``: one batch per
+    call, no compiled loop (see :func:`make_fused_train`). With a distribution, batches
+    are padded the same way to a multiple of ``multiple`` rows and laid out by
+    ``shard_batch``.
     """
+    shard = shard_batch or _identity
+    width = _padded_width(batch_size, multiple)
 
     def run(params, state, logs, data: Batch, start, count):
         n = num_rows_of(data.x)
 
         def body(j, logs):
-            rows, valid = padded_rows(start + j, batch_size, n)
+            rows, valid = padded_rows(start + j, batch_size, n, width)
             batch = gather(data, rows)
-            return eval_step(params, state, logs, batch._replace(weights=batch.weights * valid))
+            # a distribution may stack axes after the row axis (weights [rows, ...])
+            valid = valid.reshape(valid.shape + (1,) * (batch.weights.ndim - 1))
+            batch = shard(batch._replace(weights=batch.weights * valid))
+            return eval_step(params, state, logs, batch)
 
-        return jax.lax.fori_loop(0, count, body, logs)
+        return jax.lax.fori_loop(0, count, body, logs) if fuse else body(0, logs)
 
     return run
 
 
-def make_fused_predict(predict_step: Callable, batch_size: int) -> Callable:
+def make_fused_predict(predict_step: Callable, batch_size: int, fuse: bool = True,
+                       shard_batch: Callable | None = None, multiple: int = 1) -> Callable:
     """``run(params, state, out, x, start, count) -> out`` writing predictions into ``out``.
 
     ``out`` is a buffer (pytree) with ``num_batches * batch_size`` rows; the caller keeps
-    the first ``len(x)`` rows.
+    the first ``len(x)`` rows. ``fuse=False``: one batch per call (see
+    :func:`make_fused_train`). With a distribution, batches are padded to a multiple of
+    ``multiple`` rows and laid out by ``shard_batch``; the padding rows' outputs are dropped.
     """
+    shard = shard_batch or _identity
+    width = _padded_width(batch_size, multiple)
 
     def run(params, state, out, x, start, count):
         n = num_rows_of(x)
 
         def body(j, out):
-            rows, _ = padded_rows(start + j, batch_size, n)
-            y = predict_step(params, state, gather(x, rows))
+            rows, _ = padded_rows(start + j, batch_size, n, width)
+            y = predict_step(params, state, shard(gather(x, rows)))
             offset = (start + j) * batch_size
             return jax.tree_util.tree_map(
-                lambda o, v: jax.lax.dynamic_update_slice_in_dim(o, v.astype(o.dtype), offset, 0),
+                lambda o, v: jax.lax.dynamic_update_slice_in_dim(
+                    o, v[:batch_size].astype(o.dtype), offset, 0),
                 out, y)
 
-        return jax.lax.fori_loop(0, count, body, out)
+        return jax.lax.fori_loop(0, count, body, out) if fuse else body(0, out)
 
     return run

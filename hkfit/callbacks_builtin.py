@@ -1,0 +1,359 @@
+"""Built-in callbacks that watch a metric or change training: early stopping, learning-rate
+control, NaN termination and callbacks from plain functions.
+
+Everything here is re-exported by :mod:`hkfit.callbacks`; import it from there.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hkfit import optimizers as optimizers_lib
+from hkfit.callbacks import _HOOKS, Callback
+
+# Substrings of a metric name that mean "higher is better" when mode="auto".
+_MAX_WORDS = ("acc", "auc", "precision", "recall", "f1", "iou")
+
+
+def resolve_mode(mode: str, monitor: str, owner: str) -> str:
+    """``"min"`` or ``"max"``; ``"auto"`` reads the monitor name (accuracy, auc -> max)."""
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"Expected `mode` of {owner} to be 'auto', 'min' or 'max'. "
+                         f"Received: mode={mode!r}.")
+    if mode != "auto":
+        return mode
+    name = monitor[4:] if monitor.startswith("val_") else monitor
+    return "max" if any(word in name.lower() for word in _MAX_WORDS) else "min"
+
+
+def improves(mode: str, current: float, reference: float | None, min_delta: float = 0.0) -> bool:
+    """True when ``current`` beats ``reference`` by more than ``min_delta`` in direction ``mode``."""
+    if math.isnan(current):
+        return False
+    if reference is None:
+        return True
+    if mode == "min":
+        return current < reference - abs(min_delta)
+    return current > reference + abs(min_delta)
+
+
+def monitored(logs: dict | None, monitor: str, owner: str, warned: set) -> float | None:
+    """``logs[monitor]`` as a float, or None with a warning (once per callback and key)."""
+    value = (logs or {}).get(monitor)
+    if value is None:
+        if monitor not in warned:
+            warned.add(monitor)
+            warnings.warn(f"{owner} monitors `{monitor}`, which is not in the logs of this epoch. "
+                          f"Available: {sorted(logs or {})}.", stacklevel=3)
+        return None
+    return float(value)
+
+
+def _check_nonnegative_int(value: Any, name: str) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"Expected `{name}` to be an int >= 0. Received: {name}={value!r}.")
+    return int(value)
+
+
+def copy_tree(tree: Any) -> Any:
+    """A device copy of every leaf, safe from the buffer donation of later training steps."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+class EarlyStopping(Callback):
+    """Stops training when ``monitor`` has stopped improving.
+
+    Args:
+      monitor: the log key to watch (``"val_loss"``, ``"accuracy"``, ...).
+      min_delta: the smallest change that counts as an improvement.
+      patience: epochs without improvement after which training stops.
+      verbose: 1 prints a line when it stops or restores weights.
+      mode: ``"min"``, ``"max"`` or ``"auto"`` (``max`` for accuracy/auc-like names).
+      baseline: training stops unless ``monitor`` beats this value within ``patience``
+        epochs.
+      restore_best_weights: at the end of training (whether or not the stop triggered),
+        set params and state back to those of the best epoch. The snapshot is a device
+        copy, safe from the buffer donation of the training steps.
+      start_from_epoch: epochs to wait before watching (warm-up).
+
+    Attributes:
+      stopped_epoch: the epoch index at which training stopped (0 if it did not).
+      best, best_epoch: the best monitored value and the epoch index where it was seen.
+
+    >>> # model.fit(x, y, epochs=100, validation_split=0.2,
+    >>> #           callbacks=[EarlyStopping(patience=3, restore_best_weights=True)])
+    """
+
+    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
+                 verbose: int = 0, mode: str = "auto", baseline: float | None = None,
+                 restore_best_weights: bool = False, start_from_epoch: int = 0):
+        super().__init__()
+        self.monitor = monitor
+        self.min_delta = abs(float(min_delta))
+        self.patience = _check_nonnegative_int(patience, "patience")
+        self.verbose = verbose
+        self.mode = resolve_mode(mode, monitor, "EarlyStopping")
+        self.baseline = baseline
+        self.restore_best_weights = restore_best_weights
+        self.start_from_epoch = _check_nonnegative_int(start_from_epoch, "start_from_epoch")
+        self._warned: set = set()
+        self.on_train_begin()
+
+    def on_train_begin(self, logs=None):
+        self.wait = 0
+        self.stopped_epoch = 0
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.best_weights = None
+
+    def _snapshot(self):
+        return copy_tree((self.model.params, self.model.state))
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = monitored(logs, self.monitor, "EarlyStopping", self._warned)
+        if current is None or epoch < self.start_from_epoch:
+            return
+        if self.restore_best_weights and self.best_weights is None:
+            self.best_weights = self._snapshot()  # the first watched epoch is the fallback
+        self.wait += 1
+        if improves(self.mode, current, self.best, self.min_delta):
+            self.best, self.best_epoch = current, epoch
+            if self.restore_best_weights:
+                self.best_weights = self._snapshot()
+            if self.baseline is None or improves(self.mode, current, self.baseline, self.min_delta):
+                self.wait = 0
+            return
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.stopped_epoch > 0 and self.verbose:
+            print(f"Epoch {self.stopped_epoch + 1}: early stopping", flush=True)
+        if self.restore_best_weights and self.best_weights is not None:
+            if self.verbose:
+                print(f"Restoring the weights from the end of the best epoch ({self.best_epoch + 1}).",
+                      flush=True)
+            self.model.params, self.model.state = self.best_weights
+            self.best_weights = None
+
+
+class TerminateOnNaN(Callback):
+    """Stops training as soon as the loss is NaN or infinite.
+
+    The loss is checked after every execution (``steps_per_execution`` fused steps) on the
+    running epoch mean, which turns NaN as soon as one batch does, and at epoch end.
+    """
+
+    def _check(self, where: str, logs) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            print(f"{where}: invalid loss ({loss}), terminating training.", flush=True)
+            self.model.stop_training = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(f"Batch {batch}", logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check(f"Epoch {epoch + 1}", logs)
+
+
+class LambdaCallback(Callback):
+    """A callback from plain functions, one per hook.
+
+    Epoch hooks are called as ``fn(epoch, logs)``, batch hooks as ``fn(batch, logs)`` and
+    the others as ``fn(logs)``. ``logs`` may be ``None`` or empty.
+
+    Args:
+      on_epoch_begin, on_epoch_end, on_train_begin, on_train_end, on_train_batch_begin,
+      on_train_batch_end: functions for those hooks.
+      **hooks: functions for any other hook (``on_test_end=...``, ``on_predict_batch_end=...``).
+
+    Raises:
+      TypeError: for an unknown hook name or a value that is not callable.
+
+    >>> cb = LambdaCallback(on_epoch_end=lambda epoch, logs: print(epoch, logs["loss"]))
+    """
+
+    def __init__(self, on_epoch_begin: Callable | None = None, on_epoch_end: Callable | None = None,
+                 on_train_begin: Callable | None = None, on_train_end: Callable | None = None,
+                 on_train_batch_begin: Callable | None = None,
+                 on_train_batch_end: Callable | None = None, **hooks: Callable):
+        super().__init__()
+        unknown = sorted(set(hooks) - set(_HOOKS))
+        if unknown:
+            raise TypeError(f"Unknown hook names {unknown} for LambdaCallback. Expected names "
+                            f"from {list(_HOOKS)}.")
+        hooks.update(on_epoch_begin=on_epoch_begin, on_epoch_end=on_epoch_end,
+                     on_train_begin=on_train_begin, on_train_end=on_train_end,
+                     on_train_batch_begin=on_train_batch_begin,
+                     on_train_batch_end=on_train_batch_end)
+        self._given = set()
+        for name, fn in hooks.items():
+            if fn is None:
+                continue
+            if not callable(fn):
+                raise TypeError(f"Expected `{name}` to be callable. Received: {fn!r}.")
+            self._given.add(name)
+            setattr(self, name, _bind(name, fn))
+
+    def wants_batch_logs(self) -> bool:
+        return any(name in self._given for name in ("on_train_batch_begin", "on_train_batch_end"))
+
+
+def _bind(name: str, fn: Callable) -> Callable:
+    if "epoch_" in name or "batch_" in name:
+        return lambda index, logs=None: fn(index, logs)
+    return lambda logs=None: fn(logs)
+
+
+def _set_model_learning_rate(model, value: float) -> None:
+    model.opt_state = optimizers_lib.set_learning_rate(model.opt_state, value)
+
+
+def _model_learning_rate(model) -> float:
+    value = optimizers_lib.learning_rate(model.opt_state)
+    if value is None:
+        raise ValueError(f"{optimizers_lib.NO_LEARNING_RATE} Received: Model(optimizer="
+                         f"{model.optimizer!r}).")
+    return value
+
+
+class LearningRateScheduler(Callback):
+    """Sets the learning rate at the start of every epoch to ``schedule(epoch, lr)``.
+
+    The learning rate lives in the ``optax.inject_hyperparams`` state of the optimizer, so
+    changing it does not recompile the training step. The value in effect during an
+    epoch is logged as ``learning_rate`` (History, CSVLogger, TensorBoard).
+
+    Args:
+      schedule: ``schedule(epoch, lr) -> new lr`` (0-based epoch, current lr as a float);
+        a one-argument ``schedule(epoch)`` is accepted too.
+      verbose: 1 prints each change.
+
+    Raises:
+      ValueError: (during fit) if the optimizer has no injected learning rate, or the
+        schedule returns something that is not a finite number >= 0.
+
+    >>> # LearningRateScheduler(lambda epoch, lr: lr if epoch < 10 else lr * 0.9)
+    """
+
+    def __init__(self, schedule: Callable, verbose: int = 0):
+        super().__init__()
+        if not callable(schedule):
+            raise TypeError(f"Expected `schedule` to be callable. Received: {schedule!r}.")
+        self.schedule = schedule
+        self.verbose = verbose
+        self._pending: int | None = None
+        try:
+            params = inspect.signature(schedule).parameters.values()
+            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            self._two_args = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+        except (TypeError, ValueError):
+            self._two_args = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.model.built:
+            self._apply(epoch)
+        else:  # an iterable source builds the model on its first batch
+            self._pending = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._pending is not None:
+            epoch, self._pending = self._pending, None
+            self._apply(epoch)
+
+    def wants_batch_logs(self) -> bool:
+        return False
+
+    def _apply(self, epoch: int) -> None:
+        current = _model_learning_rate(self.model)
+        value = self.schedule(epoch, current) if self._two_args else self.schedule(epoch)
+        try:
+            new = float(value)
+        except (TypeError, ValueError):
+            new = float("nan")
+        if not math.isfinite(new) or new < 0:
+            raise ValueError("Expected `schedule` to return a finite learning rate >= 0. "
+                             f"Received: {value!r} for epoch {epoch}.")
+        _set_model_learning_rate(self.model, new)
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {new:.6g}.",
+                  flush=True)
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiplies the learning rate by ``factor`` when ``monitor`` stops improving.
+
+    Args:
+      monitor: the log key to watch.
+      factor: the multiplier, in (0, 1).
+      patience: epochs without improvement before the learning rate is reduced.
+      verbose: 1 prints each reduction.
+      mode: ``"min"``, ``"max"`` or ``"auto"``.
+      min_delta: the smallest change that counts as an improvement.
+      cooldown: epochs to wait after a reduction before counting again.
+      min_lr: the learning rate never goes below this.
+
+    The learning rate changes at the end of an epoch, after it has been logged, so each
+    epoch's ``learning_rate`` log is the value used during that epoch.
+
+    Raises:
+      ValueError: if ``factor`` is not in (0, 1), or (during fit) the optimizer has no
+        injected learning rate.
+    """
+
+    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
+                 verbose: int = 0, mode: str = "auto", min_delta: float = 1e-4,
+                 cooldown: int = 0, min_lr: float = 0.0):
+        super().__init__()
+        if not 0 < factor < 1:
+            raise ValueError(f"Expected `factor` in (0, 1). Received: factor={factor!r}.")
+        self.monitor = monitor
+        self.factor = float(factor)
+        self.patience = _check_nonnegative_int(patience, "patience")
+        self.verbose = verbose
+        self.mode = resolve_mode(mode, monitor, "ReduceLROnPlateau")
+        self.min_delta = abs(float(min_delta))
+        self.cooldown = _check_nonnegative_int(cooldown, "cooldown")
+        self.min_lr = float(min_lr)
+        self._warned: set = set()
+        self.on_train_begin()
+
+    def on_train_begin(self, logs=None):
+        self.best: float | None = None
+        self.wait = 0
+        self.cooldown_counter = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = monitored(logs, self.monitor, "ReduceLROnPlateau", self._warned)
+        if current is None:
+            return
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.wait = 0
+        if improves(self.mode, current, self.best, self.min_delta):
+            self.best, self.wait = current, 0
+        elif self.cooldown_counter <= 0:
+            self.wait += 1
+            if self.wait >= self.patience:
+                old = _model_learning_rate(self.model)
+                if old > float(np.float32(self.min_lr)):
+                    new = max(old * self.factor, self.min_lr)
+                    _set_model_learning_rate(self.model, new)
+                    if self.verbose:
+                        print(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to "
+                              f"{new:.6g}.", flush=True)
+                    self.cooldown_counter = self.cooldown
+                    self.wait = 0
+
+
+__all__ = ["EarlyStopping", "LambdaCallback", "LearningRateScheduler", "ReduceLROnPlateau",
+           "TerminateOnNaN"]
