@@ -167,10 +167,12 @@ def _make_bar(**kwargs):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar per epoch (``verbose=1``) or one printed line per epoch (``verbose=2``).
+    """A tqdm bar (``verbose=1``) or one printed line (``verbose=2``) per epoch.
 
-    The bar shows the running loss and metrics, refreshed at most every ``refresh``
-    seconds, and the epoch's validation results when the epoch ends.
+    In ``fit`` the bar shows the running loss and metrics, refreshed at most every
+    ``refresh`` seconds, and the epoch's validation results when the epoch ends. In
+    ``evaluate`` / ``predict`` (used on their own) it shows one bar over the batches, and
+    ``evaluate`` ends with its results.
     """
 
     def __init__(self, verbose: int = 1, refresh: float = 0.5):
@@ -181,16 +183,14 @@ class ProgressBar(Callback):
         self._seen = 0
         self._start = 0.0
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def _open(self, desc: str) -> None:
         self._start = time.perf_counter()
         self._seen = 0
         if self.verbose == 1:
-            total_epochs = self.params.get("epochs")
             self._bar = _make_bar(total=self.params.get("steps"), unit="step", leave=True,
-                                  desc=f"Epoch {epoch + 1}/{total_epochs}", dynamic_ncols=True,
-                                  mininterval=self.refresh)
+                                  desc=desc, dynamic_ncols=True, mininterval=self.refresh)
 
-    def on_train_batch_end(self, batch, logs=None):
+    def _advance(self, batch: int, logs) -> None:
         if self._bar is None:
             return
         self._bar.update(batch + 1 - self._seen)
@@ -198,23 +198,48 @@ class ProgressBar(Callback):
         if logs:
             self._bar.set_postfix_str(format_logs(logs), refresh=False)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def _close(self, title: str, logs) -> None:
         logs = logs or {}
         if self._bar is not None:
             if self._bar.total is None:
                 self._bar.total = self._seen
-            self._bar.set_postfix_str(format_logs(logs), refresh=False)
+            if logs:
+                self._bar.set_postfix_str(format_logs(logs), refresh=False)
             self._bar.close()
             self._bar = None
-        elif self.verbose == 2:
+        elif self.verbose == 2 and title:
             seconds = time.perf_counter() - self._start
-            print(f"Epoch {epoch + 1}/{self.params.get('epochs')} - {seconds:.1f}s - "
-                  f"{format_logs(logs)}", flush=True)
+            print(f"{title} - {seconds:.1f}s - {format_logs(logs)}", flush=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._open(f"Epoch {epoch + 1}/{self.params.get('epochs')}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._advance(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._close(f"Epoch {epoch + 1}/{self.params.get('epochs')}", logs)
 
     def on_train_end(self, logs=None):
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._close("", None)
+
+    def on_test_begin(self, logs=None):
+        self._open("evaluate")
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._advance(batch, logs)
+
+    def on_test_end(self, logs=None):
+        self._close("evaluate", logs)
+
+    def on_predict_begin(self, logs=None):
+        self._open("predict")
+
+    def on_predict_batch_end(self, batch, logs=None):
+        self._advance(batch, None)
+
+    def on_predict_end(self, logs=None):
+        self._close("", None)
 
     def wants_batch_logs(self) -> bool:
         return False

@@ -60,6 +60,32 @@ def num_rows(tree: PyTree, name: str) -> int:
     return next(iter(lengths.values()))
 
 
+def positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an int, or ValueError naming ``name`` if it is not an int >= ``minimum``."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}. Received: {name}={value!r}.")
+    return int(value)
+
+
+def checked_arrays(x: PyTree, y: PyTree, check_inputs: bool = True) -> tuple[PyTree, PyTree, int]:
+    """``x`` and ``y`` as numpy pytrees with the same, non-zero number of rows.
+
+    Raises:
+      ValueError: for different row counts, no rows, or (with ``check_inputs``) NaN/Inf.
+    """
+    x, y = to_numpy(x), to_numpy(y)
+    n, n_y = num_rows(x, "x"), num_rows(y, "y")
+    if n != n_y:
+        raise ValueError("Expected `x` and `y` to have the same number of rows. Received: "
+                         f"x has {n} rows, y has {n_y}.")
+    if n == 0:
+        raise ValueError("Expected a non-empty dataset. Received: x and y with 0 rows.")
+    if check_inputs:
+        check_finite(x, "x")
+        check_finite(y, "y")
+    return x, y, n
+
+
 def to_numpy(tree: PyTree) -> PyTree:
     """Converts every leaf (numpy, JAX, torch CPU tensors, lists) to a numpy array."""
     return jax.tree_util.tree_map(np.asarray, tree, is_leaf=is_array)

@@ -41,16 +41,7 @@ class ArraySource:
                  steps_per_execution):
         if model.distribution is not None:  # a global batch size -> this process's rows of it
             batch_size = model.distribution.check_batch_size(batch_size)
-        x, y = data_lib.to_numpy(x), data_lib.to_numpy(y)
-        n = data_lib.num_rows(x, "x")
-        if data_lib.num_rows(y, "y") != n:
-            raise ValueError("Expected `x` and `y` to have the same number of rows. Received: "
-                             f"x has {n} rows, y has {data_lib.num_rows(y, 'y')}.")
-        if n == 0:
-            raise ValueError("Expected a non-empty dataset. Received: x and y with 0 rows.")
-        if check_inputs:
-            data_lib.check_finite(x, "x")
-            data_lib.check_finite(y, "y")
+        x, y, n = data_lib.checked_arrays(x, y, check_inputs)
         if sample_weight is not None:
             sample_weight = np.asarray(sample_weight, np.float32)
         self.validation = None

@@ -114,3 +114,47 @@ def get(loss: str | LossFn) -> LossFn:
 def names() -> list[str]:
     """The loss names that :func:`get` accepts."""
     return sorted(_LOSSES)
+
+
+def _shape_problem(name: str | None, y_shape, out_shape) -> str | None:
+    """What a named loss needs that these label / output shapes do not give, if anything."""
+    if name is None or y_shape is None or out_shape is None:
+        return None
+    y_shape, out_shape = tuple(y_shape), tuple(out_shape)
+    if name == "sparse_categorical_crossentropy":
+        if out_shape[:-1] != y_shape:
+            return "integer labels of shape [batch, ...] and logits of shape [batch, ..., classes]"
+        return None
+    if y_shape == out_shape or (name != "categorical_crossentropy" and (
+            y_shape + (1,) == out_shape or y_shape == out_shape + (1,))):
+        return None
+    return "labels and outputs of the same shape"
+
+
+def check_output(loss: str | LossFn, y_pred, y_true) -> None:
+    """Checks that ``loss`` accepts a forward output like ``y_pred`` for labels ``y_true``.
+
+    Args:
+      loss: the loss as given to the model (a name or a callable).
+      y_pred: the forward's output for a few rows (arrays or ``jax.ShapeDtypeStruct``).
+      y_true: the labels of the same rows.
+
+    Raises:
+      ValueError: naming both shapes and what the loss needs.
+    """
+    y_shape = getattr(y_true, "shape", None)
+    out_shape = getattr(y_pred, "shape", None)
+    rows = jax.tree_util.tree_leaves(y_true)[0].shape[0]
+    problem = _shape_problem(loss if isinstance(loss, str) else None, y_shape, out_shape)
+    if problem is None:
+        try:
+            result = jax.eval_shape(get(loss), y_true, y_pred)
+            if getattr(result, "shape", None) != (rows,):
+                problem = f"a loss of shape [batch]; it returned {getattr(result, 'shape', result)}"
+        except Exception as e:  # the loss rejected the shapes
+            problem = f"shapes the loss accepts ({type(e).__name__}: {e})"
+    if problem:
+        raise ValueError(
+            f"The output of `forward` does not match `y` for loss={loss!r}: it needs {problem}. "
+            f"Received: forward output shape {out_shape} for {rows} rows, y shape {y_shape}. Change the last layer or the labels (e.g. one-hot vs "
+            "integer labels).")

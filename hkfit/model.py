@@ -20,6 +20,7 @@ from hkfit import callbacks as callbacks_lib
 from hkfit import checkpoint as checkpoint_lib
 from hkfit import data as data_lib
 from hkfit import forward as forward_lib
+from hkfit import inference
 from hkfit import losses as losses_lib
 from hkfit import metrics as metrics_lib
 from hkfit import optimizers as optimizers_lib
@@ -32,12 +33,6 @@ from hkfit.step import Batch, TrainState
 
 # Distinct streams derived from the seed key.
 _INIT, _TRAIN, _SHUFFLE, _INFER = range(4)
-
-
-def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}. Received: {name}={value!r}.")
-    return int(value)
 
 
 def _to_key(seed: Any) -> jax.Array:
@@ -222,40 +217,13 @@ class Model:
         if y is None:
             return
         sample_y = data_lib.take_rows(y, 0, 2)
-        self._check_output(out, sample_y)
+        losses_lib.check_output(self.loss, out, sample_y)
         if self._metrics is None:
             out_shape = getattr(out, "shape", ())
             y_shape = np.shape(sample_y) if data_lib.is_array(sample_y) else ()
             self._metrics = [metrics_lib.get(m, y_true_shape=y_shape, y_pred_shape=out_shape,
                                              loss_name=self._loss_name)
                              for m in self._metric_specs]
-
-    def _check_output(self, out, sample_y) -> None:
-        name = self._loss_name
-        y_shape = np.shape(sample_y) if data_lib.is_array(sample_y) else None
-        out_shape = getattr(out, "shape", None)
-        problem = None
-        if name in ("sparse_categorical_crossentropy",) and y_shape is not None:
-            if out_shape is None or tuple(out_shape[:-1]) != tuple(y_shape):
-                problem = "integer labels of shape [batch, ...] and logits of shape [batch, ..., classes]"
-        elif name is not None and y_shape is not None and out_shape is not None:
-            same = tuple(y_shape) == tuple(out_shape) or (
-                name != "categorical_crossentropy" and (
-                    tuple(y_shape) + (1,) == tuple(out_shape) or tuple(y_shape) == tuple(out_shape) + (1,)))
-            if not same:
-                problem = "labels and outputs of the same shape"
-        if problem is None:
-            try:
-                losses = jax.eval_shape(self._loss_fn, sample_y, out)
-                if getattr(losses, "shape", None) != (data_lib.num_rows(sample_y, "y"),):
-                    problem = f"a loss of shape [batch]; it returned {getattr(losses, 'shape', losses)}"
-            except Exception as e:  # the loss rejected the shapes
-                problem = f"shapes the loss accepts ({type(e).__name__}: {e})"
-        if problem:
-            raise ValueError(
-                f"The output of `forward` does not match `y` for loss={self.loss!r}: it needs "
-                f"{problem}. Received: forward output shape {out_shape} for 2 rows, y shape "
-                f"{y_shape}. Change the last layer or the labels (e.g. one-hot vs integer labels).")
 
     # --- Compiled functions, built once per model ----------------------------------------
 
@@ -368,18 +336,18 @@ class Model:
         Raises:
           ValueError / TypeError: on invalid arguments or data, before any step runs.
         """
-        batch_size = _check_positive_int(batch_size, "batch_size")
-        epochs = _check_positive_int(epochs, "epochs", 0)
-        initial_epoch = _check_positive_int(initial_epoch, "initial_epoch", 0)
+        batch_size = data_lib.positive_int(batch_size, "batch_size")
+        epochs = data_lib.positive_int(epochs, "epochs", 0)
+        initial_epoch = data_lib.positive_int(initial_epoch, "initial_epoch", 0)
         if epochs < initial_epoch:
             raise ValueError(f"Expected `epochs` >= `initial_epoch` (epochs is the epoch count "
                              f"to reach). Received: epochs={epochs}, initial_epoch={initial_epoch}.")
         if steps_per_epoch is not None:
-            steps_per_epoch = _check_positive_int(steps_per_epoch, "steps_per_epoch")
+            steps_per_epoch = data_lib.positive_int(steps_per_epoch, "steps_per_epoch")
         if not isinstance(validation_split, (int, float)) or not 0 <= validation_split < 1:
             raise ValueError("Expected `validation_split` in [0, 1). "
                              f"Received: validation_split={validation_split!r}.")
-        validation_batch_size = _check_positive_int(validation_batch_size or batch_size,
+        validation_batch_size = data_lib.positive_int(validation_batch_size or batch_size,
                                                     "validation_batch_size")
         validation_freq = _validation_epochs(validation_freq)
         verbose = callbacks_lib.resolve_verbose(verbose)
@@ -404,7 +372,8 @@ class Model:
                 validation_data = source.validation
         val = None
         if validation_data is not None:
-            val = self._evaluation_source(validation_data, validation_batch_size, check_inputs)
+            val = inference.evaluation_source(self, validation_data, validation_batch_size,
+                                              check_inputs)
 
         history = callbacks_lib.History()
         cbs = callbacks_lib.CallbackList(
@@ -432,7 +401,7 @@ class Model:
                 break
             epoch_logs = logs
             if val is not None and epoch + 1 in validation_freq(epoch + 1):
-                val_logs = self._run_evaluation(val, None, "auto", quiet=True)
+                val_logs = inference.evaluate(self, val)
                 epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
             learning_rate = optimizers_lib.learning_rate(self._ts.opt_state)
             if learning_rate is not None:
@@ -445,65 +414,6 @@ class Model:
         return history
 
     # --- evaluate / predict -------------------------------------------------------------
-
-    def _evaluation_source(self, data: Any, batch_size: int, check_inputs: bool, y=None,
-                           sample_weight=None):
-        """An array dataset on the device, or an iterable, for evaluation."""
-        if y is None and isinstance(data, tuple) and len(data) in (2, 3) and all(
-                d is None or data_lib.is_array_tree(d) for d in data):
-            data, y, sample_weight = (*data, None)[:3]
-        if y is not None:
-            x = data_lib.to_numpy(data)
-            y = data_lib.to_numpy(y)
-            n = data_lib.num_rows(x, "x")
-            if data_lib.num_rows(y, "y") != n:
-                raise ValueError("Expected `x` and `y` to have the same number of rows. "
-                                 f"Received: {n} and {data_lib.num_rows(y, 'y')}.")
-            if n == 0:
-                raise ValueError("Expected at least one row to evaluate. Received: 0 rows.")
-            if check_inputs:
-                data_lib.check_finite(x, "x")
-                data_lib.check_finite(y, "y")
-            self._build(x, y)
-            weights = data_lib.row_weights(n, y, sample_weight, None)
-            return _EvalArrays(self._place_rows(Batch(x, y, weights)), n, min(batch_size, n))
-        if isinstance(data, dict) or data_lib.is_array(data):
-            raise ValueError("Expected targets `y` to evaluate array inputs. Received: y=None.")
-        return data  # an iterable of (x, y[, w]) batches, as in fit
-
-    def _run_evaluation(self, source, cbs, steps_per_execution, quiet=False, steps=None):
-        metrics_logs = self._empty_logs()
-        ts = self._require_built("evaluate")
-        if isinstance(source, _EvalArrays):
-            pacer = self._pacer("eval", steps_per_execution)
-            run = self._fused("eval", source.batch_size, pacer.fused)
-            total = math.ceil(source.n / source.batch_size)
-            if steps is not None:
-                total = min(total, steps)
-            start = 0
-            while start < total:
-                count = pacer.next(total - start)
-                if cbs is not None:
-                    cbs.on_test_batch_begin(start)
-                metrics_logs = run(ts.params, ts.state, metrics_logs, source.data, start, count)
-                pacer.done(count, metrics_logs)
-                start += count
-                if cbs is not None:
-                    cbs.on_test_batch_end(start - 1, self._read_logs(metrics_logs))
-        else:
-            eval_step = self._fn("eval")
-            for i, batch in enumerate(data_lib.Prefetcher(
-                    iter(data_lib.iterate(source, steps)), self._device_batch)):
-                if self._metrics is None:
-                    self._build(*batch[:2])
-                    metrics_logs = self._empty_logs()
-                    eval_step = self._fn("eval")
-                if cbs is not None:
-                    cbs.on_test_batch_begin(i)
-                metrics_logs = eval_step(ts.params, ts.state, metrics_logs, Batch(*batch))
-                if cbs is not None:
-                    cbs.on_test_batch_end(i, self._read_logs(metrics_logs))
-        return self._read_logs(metrics_logs)
 
     def _device_batch(self, batch):
         if self.distribution is not None:
@@ -518,24 +428,30 @@ class Model:
 
         Exact: the last partial batch is padded with zero-weight rows, never dropped.
 
+        Args:
+          x: inputs (array or pytree of arrays), or an iterable of ``(x, y[, w])`` batches.
+          y: targets for array inputs.
+          batch_size: rows per batch (arrays only).
+          verbose: ``"auto"``, 0, 1 (a progress bar on stderr) or 2 (one line on stdout).
+          sample_weight: per-row weights, shape ``[rows]``.
+          steps: evaluate at most this many batches.
+          callbacks: callbacks whose ``on_test_*`` hooks are called.
+          steps_per_execution: ``"auto"`` or batches per compiled call (see ``fit``).
+          check_inputs: refuse NaN/Inf in array inputs.
+
         Returns:
           ``{"loss": ..., "<metric>": ...}`` as Python floats.
         """
-        batch_size = _check_positive_int(batch_size, "batch_size")
+        batch_size = data_lib.positive_int(batch_size, "batch_size")
         if steps is not None:
-            steps = _check_positive_int(steps, "steps")
+            steps = data_lib.positive_int(steps, "steps")
         verbose = callbacks_lib.resolve_verbose(verbose)
-        source = self._evaluation_source(x, batch_size, check_inputs, y, sample_weight)
-        if not self.built:
-            raise ValueError("`evaluate` on an iterable needs parameters: call `fit`, `init(x)` "
-                             "or `load` first.")
-        cbs = callbacks_lib.CallbackList(callbacks or [], model=self,
-                                         params={"verbose": verbose, "steps": steps})
+        source = inference.evaluation_source(self, x, batch_size, check_inputs, y, sample_weight)
+        self._require_built("evaluate")
+        cbs = self._inference_callbacks(callbacks, verbose, inference.num_batches(source, steps))
         cbs.on_test_begin()
-        logs = self._run_evaluation(source, cbs, steps_per_execution, steps=steps)
+        logs = inference.evaluate(self, source, cbs, steps_per_execution, steps)
         cbs.on_test_end(logs)
-        if verbose:
-            print(f"evaluate - {callbacks_lib.format_logs(logs)}", flush=True)
         return logs
 
     def predict(self, x: Any, *, batch_size: int = 32, verbose: Any = 0, steps: int | None = None,
@@ -544,75 +460,45 @@ class Model:
         """Model outputs in inference mode, exactly one row per input row.
 
         Equal to ``model.apply_fn(model.params, model.state, x)`` on the whole input.
-        ``x`` may be an array, a pytree of arrays, or an iterable of input batches. An
-        iterable's tuple or list items are read as ``(x, y[, w])`` and their first element
-        is used, so multi-input batches from an iterable should be dicts.
+
+        Args:
+          x: an array, a pytree of arrays, or an iterable of input batches. An iterable's
+            tuple or list items are read as ``(x, y[, w])`` and their first element is
+            used, so multi-input batches from an iterable should be dicts.
+          batch_size: rows per batch (arrays only).
+          verbose: 0 (default), ``"auto"``, 1 (a progress bar) or 2.
+          steps: predict at most this many batches.
+          callbacks: callbacks whose ``on_predict_*`` hooks are called.
+          steps_per_execution: ``"auto"`` or batches per compiled call (see ``fit``).
 
         Returns:
           A numpy array (or a pytree of them, as the forward returns).
         """
-        batch_size = _check_positive_int(batch_size, "batch_size")
+        batch_size = data_lib.positive_int(batch_size, "batch_size")
         if steps is not None:
-            steps = _check_positive_int(steps, "steps")
-        cbs = callbacks_lib.CallbackList(callbacks or [], model=self,
-                                         params={"verbose": verbose, "steps": steps})
+            steps = data_lib.positive_int(steps, "steps")
+        verbose = callbacks_lib.resolve_verbose(verbose)
+        cbs = self._inference_callbacks(callbacks, verbose, steps)
         cbs.on_predict_begin()
         if data_lib.is_array_tree(x):
-            out = self._predict_arrays(data_lib.to_numpy(x), batch_size, steps, cbs,
-                                       steps_per_execution)
+            out = inference.predict_arrays(self, data_lib.to_numpy(x), batch_size, steps, cbs,
+                                           steps_per_execution)
         else:
-            out = self._predict_iterable(x, steps, cbs)
+            out = inference.predict_iterable(self, x, steps, cbs)
         cbs.on_predict_end()
         return out
 
-    def _predict_arrays(self, x, batch_size, steps, cbs, steps_per_execution):
-        n = data_lib.num_rows(x, "x")
-        if n == 0:
-            raise ValueError("Expected at least one row to predict. Received: 0 rows.")
-        self.init(x)
-        ts = self._ts
-        batch_size = min(batch_size, n)
-        total = math.ceil(n / batch_size)
-        if steps is not None:
-            total, n = min(total, steps), min(n, steps * batch_size)
-        spec = jax.eval_shape(self.apply_fn, ts.params, ts.state,
-                              data_lib.take_rows(x, 0, batch_size))
-        out = self._place(jax.tree_util.tree_map(
-            lambda s: jnp.zeros((total * batch_size, *s.shape[1:]), s.dtype), spec))
-        x = self._place_rows(x)
-        pacer = self._pacer("predict", steps_per_execution)
-        run = self._fused("predict", batch_size, pacer.fused)
-        start = 0
-        while start < total:
-            count = pacer.next(total - start)
-            cbs.on_predict_batch_begin(start)
-            out = run(ts.params, ts.state, out, x, start, count)
-            pacer.done(count, out)
-            start += count
-            cbs.on_predict_batch_end(start - 1, {})
-        return jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], jax.device_get(out))
-
-    def _predict_iterable(self, source, steps, cbs):
-        outputs = []
-        for i, batch in enumerate(data_lib.iterate(source, steps)):
-            if isinstance(batch, (tuple, list)):  # (x, y[, w]) batches: keep x
-                batch = batch[0]
-            batch = data_lib.to_numpy(batch)
-            self.init(batch)
-            cbs.on_predict_batch_begin(i)
-            outputs.append(jax.device_get(self._fn("predict")(self.params, self.state, batch)))
-            cbs.on_predict_batch_end(i, {})
-        if not outputs:
-            raise ValueError("Expected at least one batch to predict. Received: an empty iterable.")
-        return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *outputs)
+    def _inference_callbacks(self, callbacks, verbose: int, steps: int | None):
+        bar = [callbacks_lib.ProgressBar(verbose)] if verbose else []
+        return callbacks_lib.CallbackList([*(callbacks or []), *bar], model=self,
+                                          params={"verbose": verbose, "steps": steps})
 
     # --- single batches -----------------------------------------------------------------
 
     def train_on_batch(self, x: Any, y: Any, *, sample_weight: Any = None,
                        class_weight: dict | None = None) -> dict[str, float]:
         """One optimizer step on one batch; returns that batch's loss and metrics."""
-        x, y = data_lib.to_numpy(x), data_lib.to_numpy(y)
-        n = _same_rows(x, y)
+        x, y, n = data_lib.checked_arrays(x, y, check_inputs=False)
         self._build(x, y)
         weights = data_lib.row_weights(n, y, sample_weight, class_weight)
         self._ts, logs = self._fn("train")(self._ts, self._empty_logs(),
@@ -621,8 +507,7 @@ class Model:
 
     def test_on_batch(self, x: Any, y: Any, *, sample_weight: Any = None) -> dict[str, float]:
         """Loss and metrics of one batch in inference mode."""
-        x, y = data_lib.to_numpy(x), data_lib.to_numpy(y)
-        n = _same_rows(x, y)
+        x, y, n = data_lib.checked_arrays(x, y, check_inputs=False)
         self._build(x, y)
         weights = data_lib.row_weights(n, y, sample_weight, None)
         logs = self._fn("eval")(self._ts.params, self._ts.state, self._empty_logs(),
@@ -685,30 +570,13 @@ class Model:
         return text
 
 
-def _same_rows(x, y) -> int:
-    n = data_lib.num_rows(x, "x")
-    if data_lib.num_rows(y, "y") != n:
-        raise ValueError("Expected `x` and `y` to have the same number of rows. Received: "
-                         f"x has {n} rows, y has {data_lib.num_rows(y, 'y')}.")
-    if n == 0:
-        raise ValueError("Expected a non-empty dataset. Received: 0 rows.")
-    return n
-
-
 def _validation_epochs(validation_freq: Any):
     """``validation_freq`` -> a function from a 1-based epoch to a container to test membership."""
     if isinstance(validation_freq, int) and not isinstance(validation_freq, bool):
-        _check_positive_int(validation_freq, "validation_freq")
+        data_lib.positive_int(validation_freq, "validation_freq")
         return lambda e: (e,) if e % validation_freq == 0 else ()
     if isinstance(validation_freq, (list, tuple, set, range)):
         wanted = frozenset(int(e) for e in validation_freq)
         return lambda e: wanted
     raise TypeError("Expected `validation_freq` to be an int or a list of 1-based epochs. "
                     f"Received: validation_freq={validation_freq!r}.")
-
-
-class _EvalArrays:
-    """An evaluation dataset on the device."""
-
-    def __init__(self, data: Batch, n: int, batch_size: int):
-        self.data, self.n, self.batch_size = data, n, batch_size

@@ -464,3 +464,19 @@ def test_verbose_modes(capsys):
     captured = capsys.readouterr()
     assert "Epoch 1/1" in captured.err and "val_loss" in captured.err
     assert hkfit.callbacks.resolve_verbose("auto") == 2  # pytest's stderr is not a terminal
+
+
+def test_evaluate_and_predict_progress(capsys):
+    x, y = make_data(20)
+    model = make_model()
+    model.fit(x, y, epochs=1, verbose=0)
+    model.evaluate(x, y, verbose=2, batch_size=8)
+    assert capsys.readouterr().out.startswith("evaluate - ")
+    model.evaluate(x, y, verbose=1, batch_size=8)
+    err = capsys.readouterr().err
+    assert "evaluate" in err and "3/3" in err and "loss:" in err
+    model.predict(x, verbose=1, batch_size=8)
+    assert "predict" in capsys.readouterr().err
+    model.predict(x)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
