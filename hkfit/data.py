@@ -10,7 +10,6 @@ batches that are moved to the device two batches ahead of the step that uses the
 from __future__ import annotations
 
 import collections
-import functools
 from typing import Any, Iterable, Iterator, Mapping
 
 import jax
@@ -152,22 +151,31 @@ def row_weights(n: int, y: PyTree, sample_weight: Any, class_weight: Mapping | N
     return weights
 
 
-@functools.partial(jax.jit, static_argnames=("num_rows", "batch_size", "shuffle"))
-def epoch_order(key: jax.Array, epoch, *, num_rows: int, batch_size: int, shuffle: bool):
+def epoch_order(key: jax.Array, epoch: int, *, num_rows: int, batch_size: int, shuffle: bool,
+                pad_tail: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """The epoch's row order as full batches ``[num_batches, batch_size]`` and a tail.
 
     The order is a function of ``(key, epoch)`` only, so a resumed run sees the same
-    batches. The tail ``[1, num_rows % batch_size]`` holds the leftover rows (``None`` if
-    there are none).
+    batches. It is drawn with numpy on the host (a device permutation costs a compilation
+    and more time than the upload of ``num_rows`` indices). The tail
+    ``[1, num_rows % batch_size]`` holds the leftover rows (``None`` if there are none).
+    With ``pad_tail`` the leftover rows become one more full batch instead, padded with
+    the out-of-range index ``num_rows``, which the fused step treats as a zero-weight row.
     """
-    order = jnp.arange(num_rows, dtype=jnp.int32)
+    order = np.arange(num_rows, dtype=np.int32)
     if shuffle:
-        order = jax.random.permutation(jax.random.fold_in(key, epoch), order)
+        seed = [int(word) for word in np.ravel(jax.random.key_data(key))]
+        order = np.random.default_rng([*seed, int(epoch)]).permutation(order)
     num_full = num_rows // batch_size
-    full = order[:num_full * batch_size].reshape(num_full, batch_size)
-    if num_full == 0:  # a placeholder row keeps the fused loop's shapes valid
-        full = jnp.zeros((1, batch_size), jnp.int32)
-    tail = order[None, num_full * batch_size:] if num_rows % batch_size else None
+    cut = num_full * batch_size
+    full = order[:cut].reshape(num_full, batch_size)
+    tail = order[None, cut:] if cut < num_rows else None
+    if pad_tail and tail is not None:
+        padded = np.full((1, batch_size), num_rows, np.int32)
+        padded[0, :tail.shape[1]] = tail[0]
+        full, tail = np.concatenate([full, padded]), None
+    if len(full) == 0:  # a placeholder row keeps the fused loop's shapes valid
+        full = np.zeros((1, batch_size), np.int32)
     return full, tail
 
 

@@ -61,11 +61,18 @@ class Pacer:
         self._started = time.perf_counter()
         return max(0, min(self.steps, remaining))
 
-    def done(self, count: int, result: Any) -> None:
-        """Records an execution of ``count`` steps whose output is ``result``."""
-        self._calls += 1
+    def done(self, count: int, result: Any, timed: bool = True) -> None:
+        """Records an execution of ``count`` steps whose output is ``result``.
+
+        ``timed=False`` marks a call that is not representative (e.g. a differently shaped
+        last batch, which compiles on its first use): it is waited for but not timed.
+        """
         if not self.auto or count == 0:
             return
+        if not timed:
+            jax.block_until_ready(result)
+            return
+        self._calls += 1
         jax.block_until_ready(result)
         seconds = time.perf_counter() - self._started
         if self._calls == 1:  # the first call compiles; time the next one

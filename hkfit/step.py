@@ -154,7 +154,9 @@ def make_fused_train(train_step: Callable, fuse: bool = True,
     row order, and trains on batches ``start, ..., start + count - 1``. ``start`` and
     ``count`` are traced: one compilation serves any split of an epoch into calls, so K
     fused steps give bit-identical results to K calls of one step. The epoch's last,
-    smaller batch is a call of its own with ``idx`` of shape ``[1, rows]``.
+    smaller batch is a call of its own with ``idx`` of shape ``[1, rows]``, or, for models
+    whose exactness does not depend on the batch's size (no BatchNorm statistics), a full
+    batch padded with the index ``len(data)``: such rows get weight 0.
 
     With ``fuse=False`` no loop is compiled: each call runs the one batch ``start``
     (``count`` must be 1). XLA on CPU runs convolutions inside loop bodies far slower than
@@ -167,7 +169,11 @@ def make_fused_train(train_step: Callable, fuse: bool = True,
 
     def one(ts, logs, data: Batch, idx, b):
         rows = jax.lax.dynamic_index_in_dim(idx, b, keepdims=False)
-        return train_step(ts, logs, shard(gather(data, rows)))
+        n = num_rows_of(data.x)
+        batch = gather(data, jnp.minimum(rows, n - 1))  # rows >= n are zero-weight padding
+        valid = (rows < n).reshape(rows.shape + (1,) * (batch.weights.ndim - 1))
+        batch = batch._replace(weights=batch.weights * valid)  # a distribution may add axes
+        return train_step(ts, logs, shard(batch))
 
     def run(ts, logs, data: Batch, idx, start, count):
         if not fuse:

@@ -158,12 +158,29 @@ def test_shuffle_is_seeded_and_differs_per_epoch():
     first, _ = hkfit.data.epoch_order(key, 0, num_rows=20, batch_size=5, shuffle=True)
     again, _ = hkfit.data.epoch_order(key, 0, num_rows=20, batch_size=5, shuffle=True)
     second, _ = hkfit.data.epoch_order(key, 1, num_rows=20, batch_size=5, shuffle=True)
+    other, _ = hkfit.data.epoch_order(jax.random.key(1), 0, num_rows=20, batch_size=5, shuffle=True)
     plain, tail = hkfit.data.epoch_order(key, 0, num_rows=22, batch_size=5, shuffle=False)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, second)
+    assert not np.array_equal(first, other)
     assert sorted(np.ravel(first).tolist()) == list(range(20))
     np.testing.assert_array_equal(plain.ravel(), np.arange(20))
     np.testing.assert_array_equal(tail, [[20, 21]])
+    padded, none = hkfit.data.epoch_order(key, 0, num_rows=22, batch_size=5, shuffle=False,
+                                          pad_tail=True)
+    assert none is None and padded.shape == (5, 5)
+    np.testing.assert_array_equal(padded[-1], [20, 21, 22, 22, 22])  # 22: zero-weight padding
+
+
+def test_padded_tail_trains_like_a_short_last_batch():
+    # A stateless model pads the last batch into the fused call; BatchNorm models do not.
+    x, y = make_data(23)
+    deterministic = lambda x: hk.Linear(3)(jax.nn.relu(hk.Linear(16)(x)))  # no dropout draws
+    a, b = make_model(deterministic, seed=0), make_model(deterministic, seed=0)
+    a.fit(x, y, epochs=2, batch_size=10, verbose=0, steps_per_execution=2)  # padded tail
+    b.fit(x, y, epochs=2, batch_size=10, verbose=0, steps_per_execution=1)  # separate tail call
+    assert a.step == b.step == 6
+    chex.assert_trees_all_close(a.params, b.params, atol=1e-6, rtol=1e-5)
 
 
 def test_shuffle_false_trains_in_order():
