@@ -462,7 +462,8 @@ class Model:
         if steps is not None:
             steps = data_lib.positive_int(steps, "steps")
         verbose = callbacks_lib.resolve_verbose(verbose)
-        source = inference.evaluation_source(self, x, batch_size, check_inputs, y, sample_weight)
+        source = inference.evaluation_source(self, x, batch_size, check_inputs, y, sample_weight,
+                                             stream=True)
         self._require_built("evaluate")
         cbs = self._inference_callbacks(callbacks, verbose, inference.num_batches(source, steps))
         cbs.on_test_begin()

@@ -497,3 +497,22 @@ def test_evaluate_and_predict_progress(capsys):
     model.predict(x)
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+@pytest.mark.parametrize("steps_per_execution", ["auto", 1])
+def test_streamed_evaluate_and_predict_are_exact_across_chunks(monkeypatch, steps_per_execution):
+    monkeypatch.setattr(hkfit.inference, "CHUNK_BYTES", 3 * 7 * 4 * 4)  # 3 batches of 7 rows
+    x, y = make_data(45)  # 45 rows = 2 full chunks of 21 + a padded chunk of 3 rows
+    w = np.linspace(0.1, 1.0, 45).astype(np.float32)
+    model = make_model()
+    model.fit(x, y, epochs=1, verbose=0)
+    y_pred = np.asarray(model.apply_fn(model.params, model.state, x))
+    per_example = np.asarray(losses.sparse_categorical_crossentropy(y, y_pred))
+    result = model.evaluate(x, y, sample_weight=w, batch_size=7, verbose=0,
+                            steps_per_execution=steps_per_execution)
+    np.testing.assert_allclose(result["loss"], np.sum(w * per_example) / np.sum(w), rtol=1e-5)
+    out = model.predict(x, batch_size=7, steps_per_execution=steps_per_execution)
+    np.testing.assert_allclose(out, y_pred, atol=1e-6)
+    assert model.predict(x, batch_size=7, steps=2).shape == (14, 3)
+    np.testing.assert_allclose(model.evaluate(x, y, batch_size=7, steps=2, verbose=0)["loss"],
+                               per_example[:14].mean(), rtol=1e-5)
