@@ -74,8 +74,11 @@ class ArraySource:
         model = self.model
         # Without Haiku state (no BatchNorm statistics) a zero-weight-padded last batch
         # trains exactly like the short one, so it joins the fused call: no second compile.
+        # Random draws (dropout) match the short batch's only with partitionable threefry
+        # (the default from JAX 0.5; off in JAX 0.4.x), where bits do not depend on shape.
         pad = (self.has_tail and self.pacer.fused and model.distribution is None
-               and not jax.tree_util.tree_leaves(model.state))
+               and not jax.tree_util.tree_leaves(model.state)
+               and bool(getattr(jax.config, "jax_threefry_partitionable", False)))
         full, tail = data_lib.epoch_order(model._stream_shuffle(), epoch, num_rows=self.n,
                                           batch_size=self.batch_size, shuffle=self.shuffle,
                                           pad_tail=pad)

@@ -194,6 +194,9 @@ def test_checkpoint_file_names_from_logs(model, tmp_path):
     assert cb.last_saved == str(tmp_path / expected[-1])
 
 
+@pytest.mark.skipif(jax.__version_info__ < (0, 7, 0),
+                    reason="JAX < 0.7 logs 'Compiling _adopt_all' without the 'jit(...)' "
+                           "wrapper that compilations() filters its helpers by")
 def test_load_does_not_recompile(model, tmp_path, caplog):
     fit(model, [], epochs=1)
     model.save(tmp_path / "m.npz")
