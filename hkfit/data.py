@@ -13,7 +13,6 @@ import collections
 from typing import Any, Iterable, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any

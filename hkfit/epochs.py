@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import numpy as np

@@ -6,8 +6,6 @@ maths lives in :mod:`hkfit.step`. See ``Model`` for the public API.
 
 from __future__ import annotations
 
-import math
-import time
 import warnings
 from typing import Any, Iterable, Sequence
 
