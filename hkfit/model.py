@@ -49,6 +49,18 @@ def _compile_once(fn, *args):
     return jitted(*args)
 
 
+def _train_state_field(name: str):
+    """Getter and setter of one field of the model's :class:`TrainState`."""
+
+    def get(model):
+        return getattr(model._require_built(name), name)
+
+    def set_(model, value):
+        model._ts = model._require_built(name)._replace(**{name: value})
+
+    return get, set_, None, f"The model's current ``{name}`` (see :class:`hkfit.step.TrainState`)."
+
+
 def _to_key(seed: Any) -> jax.Array:
     """An int seed or a (typed or raw uint32) JAX key -> a typed key."""
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
@@ -128,29 +140,9 @@ class Model:
             raise ValueError(f"`{what}` needs parameters: call `fit`, `init(x)` or `load` first.")
         return self._ts
 
-    @property
-    def params(self):
-        return self._require_built("params").params
-
-    @params.setter
-    def params(self, value):
-        self._ts = self._require_built("params")._replace(params=value)
-
-    @property
-    def state(self):
-        return self._require_built("state").state
-
-    @state.setter
-    def state(self, value):
-        self._ts = self._require_built("state")._replace(state=value)
-
-    @property
-    def opt_state(self):
-        return self._require_built("opt_state").opt_state
-
-    @opt_state.setter
-    def opt_state(self, value):
-        self._ts = self._require_built("opt_state")._replace(opt_state=value)
+    params = property(*_train_state_field("params"))
+    state = property(*_train_state_field("state"))
+    opt_state = property(*_train_state_field("opt_state"))
 
     @property
     def step(self) -> int:
