@@ -36,7 +36,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hkfit import data as data_lib
+from hkfit import _data as data_lib
 from hkfit.step import Batch, TrainState
 
 PyTree = Any

@@ -13,7 +13,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
-from hkfit import data as data_lib
+from hkfit import _data as data_lib
 from hkfit.step import Batch
 
 REFRESH_SECONDS = 0.5

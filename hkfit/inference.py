@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkfit import data as data_lib
+from hkfit import _data as data_lib
 from hkfit.step import Batch
 
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from hkfit import callbacks as callbacks_lib
 from hkfit import checkpoint as checkpoint_lib
-from hkfit import data as data_lib
-from hkfit import forward as forward_lib
+from hkfit import _data as data_lib
+from hkfit import _forward as forward_lib
 from hkfit import inference
 from hkfit import losses as losses_lib
 from hkfit import metrics as metrics_lib
@@ -25,8 +25,8 @@ from hkfit import optimizers as optimizers_lib
 from hkfit import step as step_lib
 from hkfit.epochs import ArraySource as _ArraySource
 from hkfit.epochs import IterableSource as _IterableSource
-from hkfit import pacing
-from hkfit.pacing import Pacer
+from hkfit import _pacing as pacing
+from hkfit._pacing import Pacer
 from hkfit.step import Batch, TrainState
 
 # Distinct streams derived from the seed key.

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkfit import data as data_lib
-from hkfit import forward as forward_lib
+from hkfit import _data as data_lib
+from hkfit import _forward as forward_lib
 from hkfit.model import Model
 
 PyTree = Any

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from hkfit import data
+from hkfit import _data as data
 
 
 def test_is_array_tree():

@@ -155,18 +155,18 @@ def test_validation_data_and_validation_freq():
 
 def test_shuffle_is_seeded_and_differs_per_epoch():
     key = jax.random.key(0)
-    first, _ = hkfit.data.epoch_order(key, 0, num_rows=20, batch_size=5, shuffle=True)
-    again, _ = hkfit.data.epoch_order(key, 0, num_rows=20, batch_size=5, shuffle=True)
-    second, _ = hkfit.data.epoch_order(key, 1, num_rows=20, batch_size=5, shuffle=True)
-    other, _ = hkfit.data.epoch_order(jax.random.key(1), 0, num_rows=20, batch_size=5, shuffle=True)
-    plain, tail = hkfit.data.epoch_order(key, 0, num_rows=22, batch_size=5, shuffle=False)
+    first, _ = hkfit._data.epoch_order(key, 0, num_rows=20, batch_size=5, shuffle=True)
+    again, _ = hkfit._data.epoch_order(key, 0, num_rows=20, batch_size=5, shuffle=True)
+    second, _ = hkfit._data.epoch_order(key, 1, num_rows=20, batch_size=5, shuffle=True)
+    other, _ = hkfit._data.epoch_order(jax.random.key(1), 0, num_rows=20, batch_size=5, shuffle=True)
+    plain, tail = hkfit._data.epoch_order(key, 0, num_rows=22, batch_size=5, shuffle=False)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, second)
     assert not np.array_equal(first, other)
     assert sorted(np.ravel(first).tolist()) == list(range(20))
     np.testing.assert_array_equal(plain.ravel(), np.arange(20))
     np.testing.assert_array_equal(tail, [[20, 21]])
-    padded, none = hkfit.data.epoch_order(key, 0, num_rows=22, batch_size=5, shuffle=False,
+    padded, none = hkfit._data.epoch_order(key, 0, num_rows=22, batch_size=5, shuffle=False,
                                           pad_tail=True)
     assert none is None and padded.shape == (5, 5)
     np.testing.assert_array_equal(padded[-1], [20, 21, 22, 22, 22])  # 22: zero-weight padding

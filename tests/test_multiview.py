@@ -191,8 +191,8 @@ def test_is_training_is_passed_through():
         return hk.Linear(2)(x) * (2.0 if is_training else 1.0)
 
     fn = hkfit.multiview(forward, axis=1)
-    assert hkfit.forward.takes_is_training(fn)
-    assert not hkfit.forward.takes_is_training(hkfit.multiview(lambda x: hk.Linear(2)(x)))
+    assert hkfit._forward.takes_is_training(fn)
+    assert not hkfit._forward.takes_is_training(hkfit.multiview(lambda x: hk.Linear(2)(x)))
     t = hk.without_apply_rng(hk.transform(fn))
     x = jnp.ones((2, 3, 4))
     params = t.init(jax.random.key(0), x, is_training=True)
