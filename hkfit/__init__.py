@@ -1,21 +1,19 @@
 """hkfit: Keras-style ``fit`` / ``evaluate`` / ``predict`` for Haiku and Optax.
 
-The whole public surface is re-exported here.
+The public surface is this module plus the documented submodules ``callbacks``,
+``checkpoint``, ``distributed``, ``losses``, ``metrics``, ``optimizers``, ``step`` and
+``testing``. Modules whose names start with an underscore are internal.
 """
 
-from hkfit import callbacks
-from hkfit import checkpoint
-from hkfit import distributed
-from hkfit import losses
-from hkfit import metrics
-from hkfit import optimizers
+from hkfit import callbacks, checkpoint, distributed, losses, metrics, optimizers, step
+from hkfit._forward import with_is_training
+from hkfit._layout import DataParallel
 from hkfit.callbacks import Callback, History
-from hkfit.distributed import DataParallel
 from hkfit.model import Model
-from hkfit.multiview import multiview
+from hkfit.multiview import ModelView, multiview
 from hkfit.step import Batch, TrainState
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Batch",
@@ -23,6 +21,7 @@ __all__ = [
     "DataParallel",
     "History",
     "Model",
+    "ModelView",
     "TrainState",
     "callbacks",
     "checkpoint",
@@ -31,4 +30,6 @@ __all__ = [
     "metrics",
     "multiview",
     "optimizers",
+    "step",
+    "with_is_training",
 ]

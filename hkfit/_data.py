@@ -13,9 +13,15 @@ import collections
 from typing import Any, Iterable, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
+
+# What a 64-bit host dtype becomes on a device while `jax_enable_x64` is off.
+_NARROW_DTYPES = {np.dtype(wide): np.dtype(narrow) for wide, narrow in (
+    (np.float64, np.float32), (np.int64, np.int32), (np.uint64, np.uint32),
+    (np.complex128, np.complex64))}
 
 
 def is_array(value: Any) -> bool:
@@ -61,17 +67,20 @@ def num_rows(tree: PyTree, name: str) -> int:
 def positive_int(value: Any, name: str, minimum: int = 1) -> int:
     """``value`` as an int, or ValueError naming ``name`` if it is not an int >= ``minimum``."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}. Received: {name}={value!r}.")
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}. "
+                         f"Received: {name}={value!r}.")
     return int(value)
 
 
 def checked_arrays(x: PyTree, y: PyTree, check_inputs: bool = True) -> tuple[PyTree, PyTree, int]:
     """``x`` and ``y`` as numpy pytrees with the same, non-zero number of rows.
 
+    The leaves are in the dtypes the device will hold (see :func:`to_device_dtypes`).
+
     Raises:
       ValueError: for different row counts, no rows, or (with ``check_inputs``) NaN/Inf.
     """
-    x, y = to_numpy(x), to_numpy(y)
+    x, y = to_numpy(x, "x"), to_numpy(y, "y")
     n, n_y = num_rows(x, "x"), num_rows(y, "y")
     if n != n_y:
         raise ValueError("Expected `x` and `y` to have the same number of rows. Received: "
@@ -84,50 +93,221 @@ def checked_arrays(x: PyTree, y: PyTree, check_inputs: bool = True) -> tuple[PyT
     return x, y, n
 
 
-def to_numpy(tree: PyTree) -> PyTree:
-    """Converts every leaf (numpy, JAX, torch CPU tensors, lists) to a numpy array."""
-    return jax.tree_util.tree_map(np.asarray, tree, is_leaf=is_array)
+def to_numpy(tree: PyTree, name: str = "x") -> PyTree:
+    """Converts every leaf (numpy, JAX, torch CPU tensors, lists) to a numpy array.
+
+    The arrays are in the dtypes the device will hold (see :func:`to_device_dtypes`).
+    """
+    return to_device_dtypes(jax.tree_util.tree_map(np.asarray, tree, is_leaf=is_array), name)
+
+
+def to_device_dtypes(tree: PyTree, name: str = "x") -> PyTree:
+    """Narrows 64-bit leaves on the host to the dtypes JAX puts on the device.
+
+    While ``jax.config.jax_enable_x64`` is False, JAX truncates float64, int64, uint64
+    and complex128 arrays (with a warning wherever the dtype is requested explicitly).
+    This converts them once, leaf by leaf, to float32, int32, uint32 and complex64.
+    Other leaves, and every leaf while x64 is enabled, are returned unchanged.
+
+    Args:
+      tree: an array or a pytree of arrays.
+      name: what ``tree`` is called in error messages, e.g. ``"x"``.
+
+    Returns:
+      ``tree`` with its 64-bit leaves narrowed.
+
+    Raises:
+      ValueError: if an integer leaf holds a value that does not fit in 32 bits.
+
+    >>> to_device_dtypes({"a": np.zeros(2), "b": np.arange(2)})["b"].dtype
+    dtype('int32')
+    """
+    if jax.config.jax_enable_x64:
+        return tree
+
+    def narrow(path, leaf):
+        narrow_dtype = _NARROW_DTYPES.get(getattr(leaf, "dtype", None))
+        if narrow_dtype is None:
+            return leaf
+        leaf = np.asarray(leaf)
+        if narrow_dtype.kind in "iu" and leaf.size:
+            info = np.iinfo(narrow_dtype)
+            low, high = leaf.min(), leaf.max()
+            if low < info.min or high > info.max:
+                where = f"{name}{jax.tree_util.keystr(path)}"
+                raise ValueError(
+                    f"Expected the integers in `{where}` to fit in {narrow_dtype} (JAX's "
+                    f"integer type while jax_enable_x64 is off). Received: values from {low} "
+                    f"to {high}. Enable 64-bit types with jax.config.update('jax_enable_x64', "
+                    "True), or re-encode the values (e.g. as indices from 0).")
+        return leaf.astype(narrow_dtype)
+
+    return jax.tree_util.tree_map_with_path(narrow, tree, is_leaf=is_array)
+
+
+def _non_finite(leaf: np.ndarray) -> np.ndarray | None:
+    """The mask of NaN/Inf entries of a floating-point ``leaf`` (None for other dtypes).
+
+    ``jnp.issubdtype`` also counts ml_dtypes' bfloat16 and float8 types as inexact, which
+    numpy does not; they are widened to float32 for the check.
+    """
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return None
+    if not np.issubdtype(leaf.dtype, np.inexact):
+        leaf = leaf.astype(np.float32)
+    return ~np.isfinite(leaf)
 
 
 def check_finite(tree: PyTree, name: str) -> None:
-    """Raises ValueError naming the first leaf of ``tree`` that holds NaN or Inf."""
+    """Raises ValueError naming the first leaf of ``tree`` that holds NaN or Inf.
+
+    Every floating-point dtype is checked, including ``bfloat16`` and the float8 types.
+    """
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_array):
         leaf = np.asarray(leaf)
-        if np.issubdtype(leaf.dtype, np.inexact) and not np.isfinite(leaf).all():
-            bad = np.argwhere(~np.isfinite(leaf))[0]
+        bad = _non_finite(leaf)
+        if bad is not None and bad.any():
+            first = np.argwhere(bad)[0]
             raise ValueError(
-                f"Expected finite values in `{name}`. Received: {leaf[tuple(bad)]} at "
-                f"{name}{jax.tree_util.keystr(path)}[{', '.join(map(str, bad))}]. "
+                f"Expected finite values in `{name}`. Received: {leaf[tuple(first)]} at "
+                f"{name}{jax.tree_util.keystr(path)}[{', '.join(map(str, first))}]. "
                 "Clean the data, or pass check_inputs=False to skip this check.")
+
+
+def check_input_spec(x: PyTree, spec: PyTree, name: str = "x") -> None:
+    """Checks that ``x`` has the structure and row shapes the model was built on.
+
+    Only shapes are compared, not dtypes (integer and float inputs may both be valid),
+    and only on array metadata: nothing runs on a device.
+
+    Args:
+      x: an array or a pytree of arrays, with the batch on axis 0.
+      spec: a pytree of ``jax.ShapeDtypeStruct`` with a leading axis of size 1, the
+        per-row shapes the model was built with, e.g. ``ShapeDtypeStruct((1, 3), float32)``.
+      name: what ``x`` is called in error messages.
+
+    Raises:
+      ValueError: if the pytree structures differ, or a leaf has rows of another shape.
+
+    >>> spec = jax.ShapeDtypeStruct((1, 3), jnp.float32)
+    >>> check_input_spec(np.zeros((5, 3)), spec)
+    >>> check_input_spec(np.zeros(3), spec)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    ValueError: Expected `x` with rows of shape (3,) ... pass x[None] (or np.expand_dims(x, 0)).
+    """
+    x_leaves, x_def = jax.tree_util.tree_flatten_with_path(x, is_leaf=is_array)
+    spec_leaves, spec_def = jax.tree_util.tree_flatten(spec)
+    if x_def != spec_def:
+        raise ValueError(f"Expected `{name}` with the structure the model was built on: "
+                         f"{spec_def}. Received: {name} with structure {x_def}. Pass inputs "
+                         "with the same keys and nesting as the first batch.")
+    for (path, leaf), expected in zip(x_leaves, spec_leaves):
+        shape, row = tuple(np.shape(leaf)), tuple(expected.shape[1:])
+        if len(shape) == len(expected.shape) and shape[1:] == row:
+            continue
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        if shape == row:
+            fix = (" It looks like one example without its batch axis: pass "
+                   f"{where}[None] (or np.expand_dims({where}, 0)).")
+        else:
+            fix = " Pass rows shaped like the ones the model was built on."
+        raise ValueError(f"Expected `{where}` with rows of shape {row} (the model was built on "
+                         f"inputs of shape {(None, *row)}). Received: {where} of shape "
+                         f"{shape}.{fix}")
 
 
 def take_rows(tree: PyTree, start: int | None, stop: int | None) -> PyTree:
     return jax.tree_util.tree_map(lambda a: a[start:stop], tree, is_leaf=is_array)
 
 
-def class_weights_for(y: np.ndarray, class_weight: Mapping[int, float]) -> np.ndarray:
-    """Per-row weights from a ``{class: weight}`` dict; classes not in the dict weigh 1.
-
-    Labels may be integers ``[n]`` (or ``[n, 1]``) or one-hot ``[n, classes]``.
-
-    Raises:
-      ValueError: if ``class_weight`` names a class that never occurs in ``y``.
-    """
+def _class_weight_table(class_weight: Any) -> dict[int, float]:
+    """``class_weight`` as ``{class index: weight}``, checked."""
     if not isinstance(class_weight, Mapping):
         raise TypeError("Expected `class_weight` to be a dict {class index: weight}. "
                         f"Received: {type(class_weight).__name__}.")
-    y = np.asarray(y)
-    labels = np.argmax(y, axis=-1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(len(y))
-    labels = labels.astype(np.int64)
+    bad_keys = [key for key in class_weight if isinstance(key, bool)
+                or not isinstance(key, (int, np.integer)) or key < 0]
+    if bad_keys:
+        raise ValueError("Expected `class_weight` keys to be non-negative integer class "
+                         f"indices. Received: class_weight keys {bad_keys!r}. Map each class "
+                         "index to its weight, e.g. {0: 1.0, 1: 5.0}.")
+    table, bad = {}, {}
+    for cls, weight in class_weight.items():
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not (np.isfinite(value) and value >= 0) or isinstance(weight, (bool, str)):
+            bad[cls] = weight
+        table[int(cls)] = value
+    if bad:
+        raise ValueError("Expected `class_weight` values to be finite numbers >= 0. "
+                         f"Received: class_weight items {bad!r}. Give every class a "
+                         "finite, non-negative weight.")
+    return table
+
+
+def _class_labels(y: np.ndarray) -> np.ndarray:
+    """The class index of every row of integer labels ``[n]``/``[n, 1]`` or one-hot ``y``."""
+    fix = ("`class_weight` needs integer class labels [n] or one-hot labels [n, classes]; "
+           "for other targets, pass per-row weights as `sample_weight` instead.")
+    numeric = y.dtype == bool or jnp.issubdtype(y.dtype, jnp.integer) or jnp.issubdtype(
+        y.dtype, jnp.floating)
+    if not numeric or y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[1] == 0):
+        raise ValueError(f"Expected `class_weight` with class labels. Received: y of shape "
+                         f"{y.shape} and dtype {y.dtype}. {fix}")
+    values = y.astype(np.float64)
+    if y.ndim == 2 and y.shape[1] > 1:
+        not_one_hot = ~(((values == 0) | (values == 1)).all(axis=1) & (values.sum(axis=1) == 1))
+        if not_one_hot.any():
+            row = int(np.argmax(not_one_hot))
+            raise ValueError(f"Expected `class_weight` with one-hot labels. Received: y of "
+                             f"shape {y.shape} whose row {row} is not one-hot: "
+                             f"{values[row].tolist()}. {fix}")
+        return np.argmax(values, axis=1)
+    values = values.reshape(len(y))
+    bad = ~(np.isfinite(values) & (values == np.round(values)) & (values >= 0))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"Expected `class_weight` with non-negative integer labels. Received: "
+                         f"y[{row}]={y.reshape(len(y))[row]}. {fix}")
+    return values.astype(np.int64)
+
+
+def class_weights_for(y: np.ndarray, class_weight: Mapping[int, float]) -> np.ndarray:
+    """Per-row weights from a ``{class: weight}`` dict; classes not in the dict weigh 1.
+
+    Labels may be integers ``[n]`` (or ``[n, 1]``), or one-hot ``[n, classes]`` where
+    every row holds a single 1 and zeros elsewhere.
+
+    Args:
+      y: the labels.
+      class_weight: non-negative integer class index -> finite weight >= 0.
+
+    Returns:
+      A float32 vector with the weight of each row's class.
+
+    Raises:
+      TypeError: if ``class_weight`` is not a dict.
+      ValueError: for keys that are not non-negative integers, weights that are negative
+        or not finite, labels that are neither integer nor one-hot, or a class that
+        never occurs in ``y``.
+
+    >>> class_weights_for(np.array([0, 1, 1]), {1: 2.0})
+    array([1., 2., 2.], dtype=float32)
+    """
+    table = _class_weight_table(class_weight)
+    labels = _class_labels(np.asarray(y))
     present = set(np.unique(labels).tolist())
-    absent = sorted(int(c) for c in class_weight if int(c) not in present)
+    absent = sorted(c for c in table if c not in present)
     if absent:
         raise ValueError(f"Expected `class_weight` to name classes that occur in `y` "
                          f"({sorted(present)}). Received weights for absent classes {absent}.")
-    table = np.ones(max(present | set(map(int, class_weight))) + 1, np.float32)
-    for cls, weight in class_weight.items():
-        table[int(cls)] = float(weight)
-    return table[labels]
+    weights = np.ones(max(present | set(table), default=-1) + 1, np.float32)
+    for cls, weight in table.items():
+        weights[cls] = weight
+    return weights[labels]
 
 
 def row_weights(n: int, y: PyTree, sample_weight: Any, class_weight: Mapping | None) -> np.ndarray:
@@ -228,7 +408,7 @@ class Prefetcher:
 def device_batch(batch: Any, sharding=None):
     """``(x, y, w)`` of numpy arrays on the device, with ``w`` filled with ones when absent."""
     x, y, w = split_batch(batch)
-    x, y = to_numpy(x), to_numpy(y)
+    x, y = to_numpy(x, "x"), to_numpy(y, "y")
     n = num_rows(x, "x")
     if y is not None and num_rows(y, "y") != n:
         raise ValueError(f"Expected `x` and `y` of a batch to have the same number of rows. "

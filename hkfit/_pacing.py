@@ -20,6 +20,9 @@ from typing import Any
 import jax
 
 MAX_STEPS = 1 << 16
+#: Executions timed (after the compiling one) before "auto" settles on a size and stops
+#: waiting for each execution.
+TIMED_CALLS = 3
 
 
 def check(steps_per_execution: Any) -> None:
@@ -53,8 +56,8 @@ class Pacer:
 
     @property
     def syncs(self) -> bool:
-        """Whether each execution is waited for (needed to time it in ``"auto"`` mode)."""
-        return self.auto
+        """Whether the next execution is waited for (to time it, in ``"auto"`` mode only)."""
+        return self.auto and self._calls <= TIMED_CALLS
 
     def next(self, remaining: int) -> int:
         """Steps for the next execution, at most ``remaining``."""
@@ -67,7 +70,7 @@ class Pacer:
         ``timed=False`` marks a call that is not representative (e.g. a differently shaped
         last batch, which compiles on its first use): it is waited for but not timed.
         """
-        if not self.auto or count == 0:
+        if not self.syncs or count == 0:
             return
         if not timed:
             jax.block_until_ready(result)

@@ -9,6 +9,9 @@ leaves the previous checkpoint intact. The file is a plain ``np.savez`` archive:
   version, and for every leaf its tree path (``jax.tree_util.keystr``), shape and dtype,
   plus whatever the caller adds (for a model: epoch, step, history, input spec).
 
+This module does pytree IO only; ``Model.save`` / ``Model.load`` build model checkpoints
+on top of it.
+
 Loading reads arrays with ``allow_pickle=False`` and parses JSON, so it never executes
 code from the file; object arrays are refused. Leaves are matched to the live structure
 by tree path, so optimizer states (NamedTuples) restore into the optimizer that was
@@ -30,15 +33,13 @@ import json
 import os
 import sys
 import tempfile
-import warnings
 import zipfile
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkfit.distributed import is_main_process
 
 FORMAT = "hkfit-checkpoint"
 FORMAT_VERSION = 1
@@ -345,127 +346,3 @@ def load_tree(path: str | os.PathLike, target: Any) -> tuple[Any, dict]:
     meta, arrays = read(path)
     tree = restore(target, meta, arrays, path=os.fspath(path))
     return tree, {k: v for k, v in meta.items() if k not in _RESERVED}
-
-
-# --- Models --------------------------------------------------------------------------------
-
-
-def _encode_spec(spec: Any) -> Any:
-    """An input spec (a pytree of ShapeDtypeStruct in dicts/lists/tuples) as JSON."""
-    if hasattr(spec, "shape") and hasattr(spec, "dtype"):
-        return {"shape": list(spec.shape), "dtype": np.dtype(spec.dtype).name}
-    if isinstance(spec, dict) and all(isinstance(k, str) for k in spec):
-        return {"dict": {k: _encode_spec(v) for k, v in spec.items()}}
-    if type(spec) in (list, tuple):
-        return {type(spec).__name__: [_encode_spec(v) for v in spec]}
-    raise TypeError(type(spec).__name__)
-
-
-def _decode_spec(encoded: Any) -> Any:
-    """Zeros with the shapes and dtypes of an encoded input spec."""
-    if "shape" in encoded:
-        return np.zeros(encoded["shape"], _dtype_from_name(encoded["dtype"]))
-    if "dict" in encoded:
-        return {k: _decode_spec(v) for k, v in encoded["dict"].items()}
-    if "list" in encoded:
-        return [_decode_spec(v) for v in encoded["list"]]
-    return tuple(_decode_spec(v) for v in encoded["tuple"])
-
-
-class ModelTree(NamedTuple):
-    """What a model checkpoint holds, in this order (so errors name params first).
-
-    Paths read ``.params['linear']['w']``, ``.opt_state[0].mu['linear']['w']``, ``.rng``.
-    A weights-only checkpoint leaves the last three ``None`` (no leaves).
-    """
-    params: Any
-    state: Any
-    opt_state: Any = None
-    rng: Any = None
-    step: Any = None
-
-
-def _model_tree(model, weights_only: bool) -> ModelTree:
-    ts = model.train_state
-    if weights_only:
-        return ModelTree(ts.params, ts.state)
-    return ModelTree(ts.params, ts.state, ts.opt_state, ts.rng, ts.step)
-
-
-def save_model(model, path: str | os.PathLike, *, weights_only: bool = False) -> None:
-    """Writes a model's training state (or only params + state) to ``path``, atomically.
-
-    In a multi-process run only process 0 writes (every process may call it).
-
-    Args:
-      model: a built :class:`hkfit.Model`.
-      path: the file to (over)write; missing parent directories are created.
-      weights_only: write only ``params`` and ``state``.
-    """
-    model._require_built("save_weights" if weights_only else "save")
-    if not is_main_process():
-        return
-    try:
-        spec = _encode_spec(model._input_spec)
-    except TypeError:
-        spec = None
-    metadata = {"kind": "weights" if weights_only else "model", "input_spec": spec}
-    if not weights_only:
-        seed = model._key
-        metadata.update(
-            epoch=int(model.epoch), step=int(model.step),
-            history={"epoch": [int(e) for e in model.history.epoch],
-                     "history": {k: [float(v) for v in vs] for k, vs in model.history.history.items()}},
-            seed={"impl": str(jax.random.key_impl(seed)),
-                  "data": np.asarray(jax.random.key_data(seed)).tolist()})
-    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-    os.makedirs(directory, exist_ok=True)
-    save_tree(path, _model_tree(model, weights_only), metadata=metadata)
-
-
-def load_model(model, path: str | os.PathLike, *, weights_only: bool = False) -> None:
-    """Restores a file written by :func:`save_model` into ``model`` (built or fresh).
-
-    A fresh model is first initialized from zeros of the input spec stored in the file.
-    A full load restores params, state, opt_state, rng, step, ``model.epoch`` and the
-    history (in place, into ``model.history``); ``weights_only`` restores params and state
-    and accepts full checkpoints as well.
-
-    Raises:
-      ValueError: on a structure mismatch, a corrupted or pickled file, or a weights-only
-        file given to a full load.
-    """
-    path = os.fspath(path)
-    meta, arrays = read(path)
-    kind = meta.get("kind")
-    if kind not in ("model", "weights"):
-        raise ValueError(f"{path!r} is an hkfit checkpoint of a pytree, not of a model; read it "
-                         "with hkfit.checkpoint.load_tree.")
-    if kind == "weights" and not weights_only:
-        raise ValueError(f"{path!r} holds weights only (params and state), written by "
-                         "`save_weights`; load it with `model.load_weights(path)`.")
-    if not model.built:
-        if meta.get("input_spec") is None:
-            raise ValueError(f"Loading {path!r} into a model without parameters needs the input "
-                             "spec stored in the checkpoint, and this one has none (its inputs "
-                             "were not arrays in dicts/lists/tuples). Call `model.init(x)` with an "
-                             "example batch first.")
-        model.init(_decode_spec(meta["input_spec"]))
-    target = _model_tree(model, weights_only)
-    tree = restore(target, meta, arrays, path=path,
-                   ignore_extra_prefixes=(".opt_state", ".rng", ".step") if weights_only else ())
-    ts = model.train_state._replace(params=tree.params, state=tree.state)
-    if not weights_only:
-        ts = ts._replace(opt_state=tree.opt_state, rng=tree.rng, step=tree.step)
-    model.train_state = ts
-    if weights_only:
-        return
-    model.epoch = int(meta.get("epoch", 0))
-    history = meta.get("history") or {}
-    model.history.epoch = [int(e) for e in history.get("epoch", [])]
-    model.history.history = {k: [float(v) for v in vs] for k, vs in history.get("history", {}).items()}
-    seed = meta.get("seed")
-    if seed is not None and seed.get("data") != np.asarray(jax.random.key_data(model._key)).tolist():
-        warnings.warn(f"{path!r} was written by a model with a different seed; the shuffle "
-                      "order of later epochs follows this model's seed, so training does not "
-                      "continue exactly as the saved run would have.", stacklevel=3)

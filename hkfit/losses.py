@@ -25,7 +25,7 @@ def _mean_over_features(values: jax.Array) -> jax.Array:
     return jnp.mean(values.reshape(values.shape[0], -1), axis=-1)
 
 
-def _match_trailing_unit(y_true: jax.Array, y_pred: jax.Array):
+def match_trailing_unit(y_true: jax.Array, y_pred: jax.Array):
     """Lets ``y_true`` of shape ``[b]`` meet ``y_pred`` of shape ``[b, 1]`` (and back)."""
     if y_pred.ndim == y_true.ndim + 1 and y_pred.shape[-1] == 1:
         y_true = y_true[..., None]
@@ -48,25 +48,25 @@ def categorical_crossentropy(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
 
 def binary_crossentropy(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
     """Sigmoid crossentropy from logits; labels in ``[0, 1]``."""
-    y_true = _match_trailing_unit(y_true, y_pred).astype(y_pred.dtype)
+    y_true = match_trailing_unit(y_true, y_pred).astype(y_pred.dtype)
     return _mean_over_features(optax.losses.sigmoid_binary_cross_entropy(y_pred, y_true))
 
 
 def mse(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
     """Mean squared error per example."""
-    y_true = _match_trailing_unit(y_true, y_pred)
+    y_true = match_trailing_unit(y_true, y_pred)
     return _mean_over_features(optax.losses.squared_error(y_pred, y_true.astype(y_pred.dtype)))
 
 
 def mae(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
     """Mean absolute error per example."""
-    y_true = _match_trailing_unit(y_true, y_pred)
+    y_true = match_trailing_unit(y_true, y_pred)
     return _mean_over_features(jnp.abs(y_pred - y_true.astype(y_pred.dtype)))
 
 
 def huber(y_true: jax.Array, y_pred: jax.Array, delta: float = 1.0) -> jax.Array:
     """Huber loss per example (``delta=1``, as Keras)."""
-    y_true = _match_trailing_unit(y_true, y_pred)
+    y_true = match_trailing_unit(y_true, y_pred)
     return _mean_over_features(
             optax.losses.huber_loss(y_pred, y_true.astype(y_pred.dtype), delta=delta))
 

@@ -90,7 +90,7 @@ def binary_accuracy(y_true, y_pred, threshold: float = 0.0):
     The default threshold 0 suits logits (as ``binary_crossentropy`` takes); pass 0.5 for
     probabilities. With ``"accuracy"`` the threshold is chosen from the loss.
     """
-    y_true = losses_lib._match_trailing_unit(jnp.asarray(y_true), y_pred)
+    y_true = losses_lib.match_trailing_unit(jnp.asarray(y_true), y_pred)
     return _per_example((y_pred > threshold) == (y_true > 0.5))
 
 

@@ -26,7 +26,6 @@ import numpy as np
 
 from hkfit import _data as data_lib
 from hkfit import _forward as forward_lib
-from hkfit.model import Model
 
 PyTree = Any
 
@@ -200,63 +199,104 @@ def multiview(forward: Callable, *, axis: int = -1, pool: str | None = "max") ->
 # --- Model.vmap(): a view of a trained model --------------------------------------------
 
 
-class ModelView(Model):
+def vmapped_forward(forward: forward_lib.Forward, in_axes: Any, out_axes: Any) -> forward_lib.Forward:
+    """``forward`` whose inference maps ``in_axes`` -> ``out_axes`` with ``jax.vmap``.
+
+    Its ``init`` initializes on the first view; it does not train.
+
+    Raises:
+      TypeError / ValueError: if an axis is not an int / None, or is the batch axis 0.
+    """
+    _check_axes_spec(in_axes, "in_axes", allow_all_none=False)
+    _check_axes_spec(out_axes, "out_axes", allow_all_none=True)
+
+    def apply_eval(params, state, rng, x):
+        axes = _leaf_axes(in_axes, x, "in_axes", "input")
+        _views_size(axes, x, "in_axes")
+        mapped = jax.vmap(forward.apply_eval, in_axes=(None, None, None, axes))
+        views_first = jax.eval_shape(mapped, params, state, rng, x)
+        out = _leaf_axes(out_axes, views_first, "out_axes", "output")
+        return jax.vmap(forward.apply_eval, in_axes=(None, None, None, axes),
+                        out_axes=out)(params, state, rng, x)
+
+    def init(rng, x):
+        return forward.init(rng, first_view(x, in_axes))
+
+    def apply_train(*_):
+        raise TypeError("A model view made by `Model.vmap` does not train.")
+
+    return forward_lib.Forward(init, apply_train, apply_eval, forward.transformed)
+
+
+def first_view(x: Any, in_axes: Any) -> Any:
+    """The first view of ``x`` along ``in_axes`` (unmapped leaves as they are)."""
+    x = data_lib.to_numpy(x)
+    axes = _leaf_axes(in_axes, x, "in_axes", "input")
+    _views_size(axes, x, "in_axes")
+    return _tree.tree_map(lambda a, ax: a if ax is None else np.take(a, 0, axis=ax), x, axes)
+
+
+class ModelView:
     """A :class:`hkfit.Model` seen through ``jax.vmap``: same parameters, mapped inference.
 
-    Made by ``model.vmap(in_axes, out_axes)``. Its ``predict`` and ``evaluate`` (the
-    Model's own, same signatures) call :meth:`apply_fn`, which is
-    ``jax.vmap(model.apply_fn, in_axes=(None, None, in_axes), out_axes=out_axes)`` over
-    each batch. The parameters, state and everything else are the parent model's, read
-    when used: training the parent later is visible through the view, and assigning
-    ``view.params`` assigns the parent's. The view keeps only its own compiled functions
-    and its own metrics (resolved from the view's output shapes). It does not train:
-    train the parent, or build the model with :func:`multiview`.
+    Made by ``model.vmap(in_axes, out_axes)``. Its ``predict``, ``evaluate``,
+    ``predict_on_batch`` and ``test_on_batch`` (the Model's own, same signatures) run
+    :meth:`apply_fn`, which is ``jax.vmap(model.apply_fn, in_axes=(None, None, in_axes),
+    out_axes=out_axes)``, over each batch. The parameters and state are the parent
+    model's, read when used: training the parent later is visible through the view, and
+    assigning ``view.params`` assigns the parent's. The view keeps its own compiled
+    functions and its own metrics (resolved from the view's output shapes). It does not
+    train: train the parent, or build the model with :func:`multiview`.
 
     Axes count the full arrays including the batch axis 0, which can be neither mapped
     nor the output axis; so ``predict`` still returns one row per input row. A mapped
     input axis ``a`` is also axis ``a`` of each batch, and the parent's forward sees the
     batch without it. Labels for ``evaluate`` are shaped like the view's outputs.
 
-    >>> # x.shape == (n, 16, 16, 3, 5): 5 views on the last axis
-    >>> # model.vmap(in_axes=4, out_axes=4).predict(x)[..., v] == model.predict(x[..., v])
+    >>> import haiku as hk, numpy as np, hkfit
+    >>> model = hkfit.Model(lambda x: hk.Conv2D(2, 3)(x), loss="mse")
+    >>> x = np.zeros((4, 8, 8, 3, 5), np.float32)   # 5 views on the last axis
+    >>> model.vmap(in_axes=4, out_axes=4).predict(x).shape
+    (4, 8, 8, 2, 5)
     """
 
-    # Model.__init__ is deliberately not run: every attribute the view does not set
-    # itself is read from the parent (see __getattr__), and `_ts` is the parent's.
-
-    def __init__(self, parent: Model, in_axes: Any, out_axes: Any = -1):
-        if not isinstance(parent, Model):
-            raise TypeError(f"Expected `parent` to be an hkfit.Model. Received: {type(parent).__name__}.")
-        _check_axes_spec(in_axes, "in_axes", allow_all_none=False)
-        _check_axes_spec(out_axes, "out_axes", allow_all_none=True)
-        self._parent = parent
+    def __init__(self, parent: Any, inner: Any, in_axes: Any, out_axes: Any = -1):
+        self._parent, self._inner = parent, inner
         self.in_axes, self.out_axes = in_axes, out_axes
-        self._fns: dict[str, Any] = {}
-        self._pacers: dict[str, Any] = {}
-        self._metrics = None
-
-    def __getattr__(self, name: str):
-        if name == "_parent":  # not set yet (e.g. during copy): no recursion
-            raise AttributeError(name)
-        return getattr(self._parent, name)
 
     def __repr__(self) -> str:
         return f"ModelView(in_axes={self.in_axes!r}, out_axes={self.out_axes!r})"
 
     @property
-    def parent(self) -> Model:
+    def parent(self) -> Any:
         """The model whose parameters and state this view uses."""
         return self._parent
 
     @property
-    def _ts(self):
-        return self._parent._ts
+    def params(self) -> Any:
+        return self._parent.params
 
-    @_ts.setter
-    def _ts(self, value):
-        self._parent._ts = value
+    @params.setter
+    def params(self, value: Any) -> None:
+        self._parent.params = value
 
-    def apply_fn(self, params, state, x):
+    @property
+    def state(self) -> Any:
+        return self._parent.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._parent.state = value
+
+    @property
+    def built(self) -> bool:
+        return self._parent.built
+
+    @property
+    def metrics(self) -> list:
+        return self._inner.metrics
+
+    def apply_fn(self, params: Any, state: Any, x: Any) -> Any:
         """``jax.vmap`` of the parent's ``apply_fn`` over ``in_axes`` -> ``out_axes``.
 
         Pure; composes with ``jax.jit``, ``jax.grad``, ``jax.jacrev`` and ``jax.jacfwd``.
@@ -265,25 +305,35 @@ class ModelView(Model):
           ValueError: if an axis is out of range or is the batch axis, or if the mapped
             axes differ in size across the leaves of ``x``.
         """
-        in_axes = _leaf_axes(self.in_axes, x, "in_axes", "input")
-        _views_size(in_axes, x, "in_axes")
-        apply = self._parent.apply_fn
-        views_first = jax.eval_shape(jax.vmap(apply, in_axes=(None, None, in_axes)),
-                                     params, state, x)
-        out_axes = _leaf_axes(self.out_axes, views_first, "out_axes", "output")
-        return jax.vmap(apply, in_axes=(None, None, in_axes), out_axes=out_axes)(params, state, x)
+        return self._inner.apply_fn(params, state, x)
 
     def init(self, x: Any) -> "ModelView":
         """Initializes the parent (if needed) on the first view of ``x``."""
         if not self._parent.built:
-            x = data_lib.to_numpy(x)
-            axes = _leaf_axes(self.in_axes, x, "in_axes", "input")
-            _views_size(axes, x, "in_axes")
-            first = _tree.tree_map(lambda a, ax: a if ax is None else np.take(a, 0, axis=ax), x, axes)
-            self._parent.init(first)
+            self._parent.init(first_view(x, self.in_axes))
         return self
 
-    def _no_training(self, *args, **kwargs):
+    def predict(self, x: Any, **kwargs: Any) -> Any:
+        """``Model.predict`` through the view (same arguments)."""
+        if data_lib.is_array_tree(x) or isinstance(x, dict):
+            self.init(x)
+        return self._inner.predict(x, **kwargs)
+
+    def evaluate(self, x: Any, y: Any = None, **kwargs: Any) -> dict[str, float]:
+        """``Model.evaluate`` through the view (same arguments)."""
+        if data_lib.is_array_tree(x) or isinstance(x, dict):
+            self.init(x)
+        return self._inner.evaluate(x, y, **kwargs)
+
+    def predict_on_batch(self, x: Any) -> Any:
+        self.init(x)
+        return self._inner.predict_on_batch(x)
+
+    def test_on_batch(self, x: Any, y: Any, **kwargs: Any) -> dict[str, float]:
+        self.init(x)
+        return self._inner.test_on_batch(x, y, **kwargs)
+
+    def _no_training(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("A model view made by `Model.vmap` runs `predict` and `evaluate` only. "
                         "Train the parent model (`view.parent.fit(...)`; the view sees the new "
                         "parameters), or train a multi-view model built with `hkfit.multiview`.")

@@ -119,23 +119,37 @@ def make_train_step(apply_train: ApplyTrain, loss_fn: Callable, optimizer: optax
     return train_step
 
 
-def make_eval_step(apply_eval: ApplyEval, loss_fn: Callable, metrics: Sequence[Any] = ()) -> Callable:
-    """Builds ``eval_step(params, state, logs, batch) -> logs`` for one batch."""
+def make_eval_step(apply_eval: Callable, loss_fn: Callable, metrics: Sequence[Any] = (), *,
+                   keyed: bool = False) -> Callable:
+    """Builds ``eval_step(params, state, logs, batch) -> logs`` for one batch.
 
-    def eval_step(params, state, logs: tuple, batch: Batch):
-        y_pred = apply_eval(params, state, batch.x)
+    With ``keyed=True``, ``apply_eval`` is ``(params, state, rng, x) -> y_pred`` and the
+    step is ``eval_step(params, state, logs, batch, rng)``: each batch may draw its own key.
+    """
+
+    def eval_step(params, state, logs: tuple, batch: Batch, *rng):
+        y_pred = apply_eval(params, state, *rng, batch.x)
         return update_logs(logs, metrics, batch, y_pred, loss_fn(batch.y, y_pred))
 
     return eval_step
 
 
-def make_predict_step(apply_eval: ApplyEval) -> Callable:
-    """Builds ``predict_step(params, state, x) -> y_pred`` for one batch."""
+def make_predict_step(apply_eval: Callable, *, keyed: bool = False) -> Callable:
+    """Builds ``predict_step(params, state, x) -> y_pred`` for one batch.
 
-    def predict_step(params, state, x):
-        return apply_eval(params, state, x)
+    With ``keyed=True``: ``predict_step(params, state, x, rng)`` and ``apply_eval`` is
+    ``(params, state, rng, x) -> y_pred``.
+    """
+
+    def predict_step(params, state, x, *rng):
+        return apply_eval(params, state, *rng, x)
 
     return predict_step
+
+
+def batch_key(rng: jax.Array, batch_index) -> jax.Array:
+    """The inference key of batch ``batch_index`` of one evaluate/predict run."""
+    return jax.random.fold_in(rng, batch_index)
 
 
 # --- Fused loops over device-resident data -------------------------------------------------
@@ -205,8 +219,14 @@ def num_rows_of(tree: PyTree) -> int:
 
 
 def make_fused_eval(eval_step: Callable, batch_size: int, fuse: bool = True,
-                    shard_batch: Callable | None = None, multiple: int = 1) -> Callable:
+                    shard_batch: Callable | None = None, multiple: int = 1, *,
+                    keyed: bool = False) -> Callable:
     """``run(params, state, logs, data, start, count) -> logs`` over batches of a dataset.
+
+    With ``keyed=True`` (a keyed ``eval_step``) the signature is ``run(params, state, rng,
+    offset, logs, data, start, count)`` and batch ``b`` of ``data`` gets the key
+    ``batch_key(rng, offset + b)`` (``offset``: the index of ``data``'s first batch in the
+    whole run, when the data arrives in chunks).
 
     The last batch is padded with copies of the last row whose weight is 0, so metrics are
     exact over every row and every call has the same shapes. ``fuse=False``: one batch per
@@ -217,7 +237,7 @@ def make_fused_eval(eval_step: Callable, batch_size: int, fuse: bool = True,
     shard = shard_batch or _identity
     width = _padded_width(batch_size, multiple)
 
-    def run(params, state, logs, data: Batch, start, count):
+    def run_keyed(params, state, rng, offset, logs, data: Batch, start, count):
         n = num_rows_of(data.x)
 
         def body(j, logs):
@@ -226,16 +246,24 @@ def make_fused_eval(eval_step: Callable, batch_size: int, fuse: bool = True,
             # a distribution may stack axes after the row axis (weights [rows, ...])
             valid = valid.reshape(valid.shape + (1,) * (batch.weights.ndim - 1))
             batch = shard(batch._replace(weights=batch.weights * valid))
-            return eval_step(params, state, logs, batch)
+            keys = () if rng is None else (batch_key(rng, offset + start + j),)
+            return eval_step(params, state, logs, batch, *keys)
 
         return jax.lax.fori_loop(0, count, body, logs) if fuse else body(0, logs)
 
-    return run
+    if keyed:
+        return run_keyed
+    return lambda params, state, logs, data, start, count: run_keyed(
+        params, state, None, 0, logs, data, start, count)
 
 
 def make_fused_predict(predict_step: Callable, batch_size: int, fuse: bool = True,
-                       shard_batch: Callable | None = None, multiple: int = 1) -> Callable:
+                       shard_batch: Callable | None = None, multiple: int = 1, *,
+                       keyed: bool = False) -> Callable:
     """``run(params, state, out, x, start, count) -> out`` writing predictions into ``out``.
+
+    With ``keyed=True`` (a keyed ``predict_step``): ``run(params, state, rng, offset, out,
+    x, start, count)``, batch ``b`` of ``x`` drawing from ``batch_key(rng, offset + b)``.
 
     ``out`` is a buffer (pytree) with ``num_batches * batch_size`` rows; the caller keeps
     the first ``len(x)`` rows. ``fuse=False``: one batch per call (see
@@ -245,18 +273,22 @@ def make_fused_predict(predict_step: Callable, batch_size: int, fuse: bool = Tru
     shard = shard_batch or _identity
     width = _padded_width(batch_size, multiple)
 
-    def run(params, state, out, x, start, count):
+    def run_keyed(params, state, rng, offset, out, x, start, count):
         n = num_rows_of(x)
 
         def body(j, out):
             rows, _ = padded_rows(start + j, batch_size, n, width)
-            y = predict_step(params, state, shard(gather(x, rows)))
-            offset = (start + j) * batch_size
+            keys = () if rng is None else (batch_key(rng, offset + start + j),)
+            y = predict_step(params, state, shard(gather(x, rows)), *keys)
+            first_row = (start + j) * batch_size
             return jax.tree_util.tree_map(
                 lambda o, v: jax.lax.dynamic_update_slice_in_dim(
-                    o, v[:batch_size].astype(o.dtype), offset, 0),
+                    o, v[:batch_size].astype(o.dtype), first_row, 0),
                 out, y)
 
         return jax.lax.fori_loop(0, count, body, out) if fuse else body(0, out)
 
-    return run
+    if keyed:
+        return run_keyed
+    return lambda params, state, out, x, start, count: run_keyed(
+        params, state, None, 0, out, x, start, count)

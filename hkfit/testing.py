@@ -180,7 +180,6 @@ class _ModeChecks:
             transformed.apply, **({} if mode is None else {"is_training": mode}))
         self.run = lambda p, s, k, xs: self.apply(p, s, k, xs)[0]
         self.jit_run = jax.jit(self.run)
-        self.out, self.new_state = self.apply(params, state, self.key, x)
         self.zero_grads: Optional[set[str]] = None  # Set by check_finite_grads.
 
     def fail(self, prop: str, message: str):
@@ -190,6 +189,10 @@ class _ModeChecks:
         found = _mismatch(a, b, self.atol, self.rtol, names)
         if found:
             self.fail(prop, f"{what}: {found}.")
+
+    @functools.cached_property
+    def out(self) -> Any:  # Non-jitted: run op by op, so computed only when a check needs it.
+        return self.run(self.params, self.state, self.key, self.x)
 
     @functools.cached_property
     def jit_out(self) -> Any:
@@ -259,7 +262,12 @@ class _ModeChecks:
                       "its random key.")
 
     def check_batch_independent(self) -> Optional[str]:
-        """Returns why the check does not apply, or None once passed; raises on failure."""
+        """Returns why the check does not apply, or None once passed; raises on failure.
+
+        Rows are compared at the initial params and again at randomly perturbed ones:
+        a zero-initialized layer (such as the logits of ``hk.nets.ResNet``) gives every
+        row the same output at init, which would hide any mixing before it.
+        """
         if self.varies_with_key:
             return ("the output depends on the rng in this mode (random numbers, e.g. "
                     "dropout), so a 1-row call draws different ones than the full batch")
@@ -268,20 +276,22 @@ class _ModeChecks:
             if leaf.ndim == 0 or leaf.shape[0] != n:
                 self.fail("batch_independent", f"{where} has shape {tuple(leaf.shape)}, without "
                           f"the leading batch axis of size {n} of x.")
-        rows = [self.jit_run(self.params, self.state, self.key,  # Host slices: no compiles.
-                             _tree.tree_map(lambda l: np.asarray(l)[i:i + 1], self.x))
-                for i in range(n)]
-        stacked = _tree.tree_map(lambda *ls: np.concatenate(ls), *rows)
-        found = _mismatch(self.jit_out, stacked, self.atol, self.rtol, ("full batch", "row alone"))
-        if found is None:
-            return None
-        if self.mode is not False and _mismatch(self.state, self.new_state, 0.0, 0.0, ("", "")):
-            return ("the output of a row depends on the other rows and the layer updates its "
-                    "state in this mode: it uses batch statistics (as hk.BatchNorm does in "
-                    "training)")
-        self.fail("batch_independent", "an output row changes when its input row is passed "
-                  f"alone (1-row batch) instead of in the full batch: {found}. The first "
-                  "index is the row: the layer mixes examples across the batch.")
+        perturbed = self.perturbed(self.params)
+        for params, at in ((self.params, ""), (perturbed, " at randomly perturbed params")):
+            full = self.jit_out if not at else self.jit_run(params, self.state, self.key, self.x)
+            rows = [self.jit_run(params, self.state, self.key,  # Host slices: no compiles.
+                                 _tree.tree_map(lambda l: np.asarray(l)[i:i + 1], self.x))
+                    for i in range(n)]
+            stacked = _tree.tree_map(lambda *ls: np.concatenate(ls), *rows)
+            found = _mismatch(full, stacked, self.atol, self.rtol, ("full batch", "row alone"))
+            if found:
+                self.fail("batch_independent", f"an output row changes when its input row is "
+                          f"passed alone (1-row batch) instead of in the full batch{at}: "
+                          f"{found}. The first index is the row: the layer mixes examples "
+                          "across the batch. If it does so on purpose (batch statistics, as "
+                          "hk.BatchNorm uses in training), pass is_training=False to check "
+                          "eval mode only, or batch_independent=False.")
+        return None
 
     def check_vmap_consistent(self) -> None:
         copies = [_tree.tree_map(lambda l, k=k: np.roll(np.asarray(l), k, axis=0), self.x)
@@ -366,11 +376,12 @@ def check_layer(
         shapes with the structure of the output. ``None``: not checked.
       output_dtype: expected dtype of every output array. ``None``: not checked.
       batch_independent: output row ``i`` depends only on input row ``i`` (the full
-        batch is compared with 1-row calls, so ``x`` needs 2 rows). Skipped, with
-        the reason in the report, in a mode where the layer draws random numbers,
-        and where rows mix while the call updates the layer's state outside eval
-        mode: that is batch statistics, as in ``hk.BatchNorm`` training (eval mode
-        still catches real mixing).
+        batch is compared with 1-row calls, so ``x`` needs 2 rows), at the initial
+        params and at randomly perturbed params (so that a zero-initialized layer,
+        such as the logits of ``hk.nets.ResNet``, cannot hide mixing before it).
+        Skipped, with the reason in the report, in a mode where the layer draws
+        random numbers. Batch statistics, as in ``hk.BatchNorm`` training, fail it:
+        check such a layer with ``is_training=False``, or ``batch_independent=False``.
       jit_consistent: ``jax.jit`` of apply agrees with plain apply.
       vmap_consistent: ``jax.vmap`` of apply over 3 stacked copies of ``x`` (rolled
         along the batch) agrees with 3 separate calls.
@@ -402,9 +413,14 @@ def check_layer(
     >>> def forward(x, is_training):
     ...     x = hk.BatchNorm(True, True, 0.9)(hk.Linear(3)(x), is_training)
     ...     return hk.Linear(2)(x)
-    >>> report = check_layer(forward, jnp.arange(8.0).reshape(4, 2), output_shape=(4, 2))
-    >>> list(report.skipped)
-    ['batch_independent[is_training=True]']
+    >>> x = jnp.arange(8.0).reshape(4, 2)
+    >>> check_layer(forward, x)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    AssertionError: batch_independent[is_training=True] failed: an output row changes ...
+    >>> report = check_layer(forward, x, is_training=False, output_shape=(4, 2))
+    >>> "batch_independent[is_training=False]" in report.checked
+    True
     """
     takes_flag = _validate(forward, is_training, output_shape, output_dtype, seed, atol, rtol)
     x = _as_batch(x, min_rows=2 if batch_independent else 1)

@@ -96,6 +96,17 @@ class FakeModel:
         self.optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)
         self.opt_state = self.optimizer.init(self.params)
 
+    @property
+    def learning_rate(self):  # as hkfit.Model's: read from the injected hyperparameters
+        value = optimizers.learning_rate(self.opt_state)
+        if value is None:
+            raise ValueError(optimizers.NO_LEARNING_RATE)
+        return value
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self.opt_state = optimizers.set_learning_rate(self.opt_state, value)
+
 
 def drive(callback, values, monitor="val_loss", fake=None):
     """Runs ``callback`` like fit does over epochs with ``values`` of ``monitor``.
@@ -319,7 +330,7 @@ def test_terminate_on_nan_stops_at_the_bad_batch():
 def test_lambda_callback_calls_every_hook(model):
     calls = []
     record = lambda name: (lambda *args: calls.append((name, *args)))
-    names = [n for n in C._HOOKS]
+    names = [n for n in C.base.HOOKS]
     cb = C.LambdaCallback(**{n: record(n) for n in names})
     assert cb.wants_batch_logs()
     fit(model, [cb], epochs=1, steps_per_execution=4)
@@ -329,7 +340,7 @@ def test_lambda_callback_calls_every_hook(model):
     assert set(seen) == set(names)
     epoch_end = [c for c in calls if c[0] == "on_epoch_end"][0]
     assert epoch_end[1] == 0 and "loss" in epoch_end[2] and "val_loss" in epoch_end[2]
-    assert [c for c in calls if c[0] == "on_train_begin"][0] == ("on_train_begin", None)
+    assert [c for c in calls if c[0] == "on_train_begin"][0] == ("on_train_begin", {})  # as Keras
     assert [c[1] for c in calls if c[0] == "on_train_batch_end"] == [2]  # 3 batches, one call
 
 

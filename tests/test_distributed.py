@@ -119,10 +119,11 @@ def test_state_replicated_and_step_data_parallel(runs):
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
     # the compiled training step splits the batch and sums gradients across devices
     x, y = _data()
-    data = dp.place_dataset(Batch(x, y, np.ones(N, np.float32)))
-    idx = dp.replicate(jnp.arange(BATCH, dtype=jnp.int32)[None])
-    train = next(fn for key, fn in model._fns.items() if key.startswith("train_"))
-    hlo = train.lower(model.train_state, model._empty_logs(), data, idx, 0, 1).compile().as_text()
+    data = dp.place_rows(Batch(x, y, np.ones(N, np.float32)))
+    idx = dp.place_state(jnp.arange(BATCH, dtype=jnp.int32)[None])
+    train = model._program.train_run(model.train_state, fuse=False)
+    logs = model._program.empty_logs()
+    hlo = train.lower(model.train_state, logs, data, idx, 0, 1).compile().as_text()
     assert "all-reduce" in hlo
 
 
@@ -182,7 +183,7 @@ def test_indivisible_batch_size_suggests_nearest():
         model.fit(x, y, batch_size=30, verbose=0)
     assert not model.built  # refused before any step (and before building)
     with pytest.raises(ValueError, match=r"Use batch_size=8\."):
-        hkfit.DataParallel().check_batch_size(3)
+        hkfit.DataParallel().local_batch_size(3)
 
 
 @pytest.mark.slow
@@ -231,7 +232,7 @@ def test_bad_configuration(kwargs, match):
 def test_subset_of_devices_and_mesh_axes():
     dp = hkfit.DataParallel(jax.devices()[:4], axis_name="batch")
     assert dp.num_replicas == 4 and dp.mesh.axis_names == ("batch",)
-    assert dp.check_batch_size(12) == 12  # one process: every row is this process's
+    assert dp.local_batch_size(12) == 12  # one process: every row is this process's
     axis_types = getattr(dp.mesh, "axis_types", None)
     if hasattr(jax.sharding, "AxisType"):
         assert all(t == jax.sharding.AxisType.Auto for t in axis_types)

@@ -450,7 +450,7 @@ def test_assert_max_traces_on_a_model_step():
     x, y = make_data(30)
     model = make_model()
     model.fit(x, y, epochs=1, batch_size=10, verbose=0)
-    fused = model._fns["train_fused"]
+    fused = model._program.train_run(model.train_state, fuse=True)
     chex.clear_trace_counter()
 
     @jax.jit
@@ -461,7 +461,7 @@ def test_assert_max_traces_on_a_model_step():
     data = jax.device_put(step_lib.Batch(x, y, np.ones(30, np.float32)))
     idx = jnp.arange(30, dtype=jnp.int32).reshape(3, 10)
     for _ in range(3):
-        model.train_state, _ = epoch(model.train_state, model._empty_logs(), data, idx)
+        model.train_state, _ = epoch(model.train_state, model._program.empty_logs(), data, idx)
 
 
 # --- progress output ---------------------------------------------------------------------
@@ -501,7 +501,7 @@ def test_evaluate_and_predict_progress(capsys):
 
 @pytest.mark.parametrize("steps_per_execution", ["auto", 1])
 def test_streamed_evaluate_and_predict_are_exact_across_chunks(monkeypatch, steps_per_execution):
-    monkeypatch.setattr(hkfit.inference, "CHUNK_BYTES", 3 * 7 * 4 * 4)  # 3 batches of 7 rows
+    monkeypatch.setattr(hkfit._feeds, "CHUNK_BYTES", 3 * 7 * 4 * 4)  # 3 batches of 7 rows
     x, y = make_data(45)  # 45 rows = 2 full chunks of 21 + a padded chunk of 3 rows
     w = np.linspace(0.1, 1.0, 45).astype(np.float32)
     model = make_model()

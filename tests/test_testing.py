@@ -1,5 +1,6 @@
 """Tests for hkfit.testing: broken layers are caught by name, correct layers pass."""
 
+import doctest
 import itertools
 
 import chex
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import hkfit.testing
 from hkfit.testing import LayerReport, LayerTestCase, assert_compiles_once, check_layer
 
 X = jax.random.normal(jax.random.PRNGKey(42), (4, 3))
@@ -153,17 +155,70 @@ def test_conv2d_passes():
     check_layer(lambda x: hk.Conv2D(2, kernel_shape=3)(x), x, output_shape=(2, 4, 4, 2))
 
 
-def test_batchnorm_in_train_mode_skips_batch_independence_with_a_note():
+def test_batchnorm_in_train_mode_fails_batch_independence_with_the_fix():
     def forward(x, is_training):
         x = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9)(
             hk.Linear(4)(x), is_training)
         return hk.Linear(2)(jax.nn.relu(x))
 
-    report = check_layer(forward, X, output_shape=(4, 2))
+    with pytest.raises(AssertionError, match=r"batch_independent\[is_training=True\] failed: an "
+                       r"output row changes when its input row is passed alone .* pass "
+                       r"is_training=False to check eval mode only, or batch_independent=False"):
+        check_layer(forward, X, output_shape=(4, 2))
+    report = check_layer(forward, X, is_training=False, output_shape=(4, 2))
     assert "batch_independent[is_training=False]" in report.checked
+    report = check_layer(forward, X, is_training=True, batch_independent=False)
     assert "jit_consistent[is_training=True]" in report.checked
-    assert "batch statistics" in report.skipped["batch_independent[is_training=True]"]
-    assert "skipped  batch_independent[is_training=True]: " in str(report)
+
+
+def test_plain_batchnorm_layer_mixes_rows_in_train_mode_only():
+    def forward(x, is_training):
+        return hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9)(x, is_training)
+
+    assert "batch_independent[is_training=False]" in check_layer(
+        forward, X, is_training=False).checked
+    with pytest.raises(AssertionError, match=r"batch_independent\[is_training=True\] failed"):
+        check_layer(forward, X, is_training=True)
+
+
+def _constant_kernels(next_creator, shape, dtype, init, context):
+    if context.name == "w" and context.module_name.split("/")[-1] != "logits":
+        init = hk.initializers.Constant(0.1)  # Random inits take XLA:CPU ~20 s to compile.
+    return next_creator(shape, dtype, init)
+
+
+def _tiny_resnet(x, is_training):
+    net = hk.nets.ResNet(blocks_per_group=(1, 1, 1, 1), num_classes=3, bottleneck=False,
+                         channels_per_group=(4, 4, 4, 4), resnet_v2=True)
+    with hk.custom_creator(_constant_kernels):  # Keeps ResNet's zero-initialized logits.
+        return net(x, is_training)
+
+
+def test_resnet_batch_statistics_are_caught_behind_its_zero_initialized_logits():
+    # At init the logits layer is all zeros, so every row's output is 0 whatever BatchNorm
+    # does: the rows are compared again at randomly perturbed params.
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16, 3))
+    only_rows = dict(finite_output=False, jit_consistent=False, deterministic=False,
+                     vmap_consistent=False, finite_grads=False)
+    with pytest.raises(AssertionError, match=r"batch_independent\[is_training=True\] failed: .* "
+                       r"in the full batch at randomly perturbed params"):
+        check_layer(_tiny_resnet, x, is_training=True, **only_rows)
+    report = check_layer(_tiny_resnet, x, is_training=False, **only_rows)
+    assert report.checked == ("batch_independent[is_training=False]",)
+
+
+def test_zero_initialized_layer_cannot_hide_batch_mixing():
+    def forward(x):  # Rows mix, but the zero-initialized layer maps every row to 0 at init.
+        return hk.Linear(2, w_init=jnp.zeros)(x - jnp.mean(x, axis=0))
+
+    with pytest.raises(AssertionError, match=r"batch_independent failed: .* at randomly "
+                       r"perturbed params: max abs difference"):
+        check_layer(forward, X)
+
+
+def test_layernorm_passes():
+    report = check_layer(lambda x: hk.LayerNorm(-1, create_scale=True, create_offset=True)(x), X)
+    assert "batch_independent" in report.checked and report.skipped == {}
 
 
 def test_dropout_depends_on_rng_only_in_train_mode():
@@ -294,3 +349,7 @@ def _takes_flag(x, is_training):
 def test_check_layer_bad_arguments(forward, x, kwargs, error, message):
     with pytest.raises(error, match=message):
         check_layer(forward, x, **kwargs)
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(hkfit.testing).failed == 0

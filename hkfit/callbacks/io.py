@@ -1,8 +1,9 @@
 """Built-in callbacks that write files: checkpoints, crash backups, CSV and TensorBoard logs.
 
 Everything here is re-exported by :mod:`hkfit.callbacks`; import it from there. Model
-files are written with :mod:`hkfit.checkpoint` (one ``.npz`` per checkpoint, atomic,
-never pickle). In a multi-process run only process 0 writes; every process restores.
+files are written and read through the model's public ``save`` / ``save_weights`` /
+``load`` (one ``.npz`` per checkpoint, atomic, never pickle). In a multi-process run only
+process 0 writes; every process restores.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import os
 import warnings
 from typing import Any
 
-from hkfit import checkpoint as checkpoint_lib
-from hkfit.callbacks import Callback
-from hkfit.callbacks_builtin import improves, monitored, resolve_mode
+from hkfit.callbacks.base import Callback
+from hkfit.callbacks.monitor import improves, monitored, resolve_mode
 from hkfit.distributed import is_main_process
 
 
@@ -31,9 +31,10 @@ class ModelCheckpoint(Callback):
       save_weights_only: write params and state (``model.save_weights``) instead of the full
         training state (``model.save``).
       mode: ``"min"``, ``"max"`` or ``"auto"`` (``max`` for accuracy/auc-like names).
-      save_freq: ``"epoch"``, or an int: save after that many training batches (checked
-        once per execution of ``steps_per_execution`` fused steps, with the running logs
-        of the epoch).
+      save_freq: ``"epoch"``, or an int: save after that many training batches, with the
+        running logs of the epoch. With ``steps_per_execution="auto"`` every batch is then
+        its own execution, so saves happen exactly every ``save_freq`` batches; with an
+        explicit int K they are checked once per execution of K batches.
       initial_value_threshold: with ``save_best_only``, the value to beat first.
 
     Every write is atomic: a crash never leaves a truncated checkpoint behind.
@@ -64,8 +65,8 @@ class ModelCheckpoint(Callback):
         self._seen_in_epoch = 0
         self._since_save = 0
 
-    def wants_batch_logs(self) -> bool:
-        return self.save_freq != "epoch"
+    def wants_batch_logs(self, hook: str | None = None) -> bool:
+        return self.save_freq != "epoch" and hook in (None, "on_train_batch_end")
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -114,9 +115,9 @@ class ModelCheckpoint(Callback):
         elif self.verbose:
             print(f"Epoch {epoch + 1}: saving the model to {path}.", flush=True)
         if self.save_weights_only:
-            checkpoint_lib.save_model(self.model, path, weights_only=True)
+            self.model.save_weights(path)
         else:
-            checkpoint_lib.save_model(self.model, path)
+            self.model.save(path)
         self.last_saved = path
 
 
@@ -149,7 +150,10 @@ class BackupAndRestore(Callback):
       restored_epoch: after ``on_train_begin``, the epoch training resumes from, or None.
       path: the backup file.
 
-    >>> # model.fit(x, y, epochs=20, callbacks=[BackupAndRestore("runs/backup")])
+    >>> backup = BackupAndRestore("runs/backup")
+    >>> backup.path
+    'runs/backup/training_state.npz'
+
     """
 
     FILENAME = "training_state.npz"
@@ -166,12 +170,13 @@ class BackupAndRestore(Callback):
     def on_train_begin(self, logs=None):
         self.restored_epoch = None
         if os.path.exists(self.path):
-            checkpoint_lib.load_model(self.model, self.path)
+            self.model.load(self.path)
             self.restored_epoch = int(self.model.epoch)
-            self.model._resume_epoch = self.restored_epoch  # read by Model.fit
+            # fit reads initial_epoch after on_train_begin: resume after the backup's epoch
+            self.model.initial_epoch = max(self.model.initial_epoch, self.restored_epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        checkpoint_lib.save_model(self.model, self.path)
+        self.model.save(self.path)
 
     def on_train_end(self, logs=None):
         if not self.delete_checkpoint or not is_main_process():

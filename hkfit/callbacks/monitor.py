@@ -1,7 +1,9 @@
 """Built-in callbacks that watch a metric or change training: early stopping, learning-rate
 control, NaN termination and callbacks from plain functions.
 
-Everything here is re-exported by :mod:`hkfit.callbacks`; import it from there.
+Everything here is re-exported by :mod:`hkfit.callbacks`; import it from there. These
+callbacks change the model only through its public attributes (``params``, ``state``,
+``learning_rate``, ``stop_training``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkfit import optimizers as optimizers_lib
-from hkfit.callbacks import _HOOKS, Callback
+from hkfit.callbacks.base import BATCH_HOOKS, HOOKS, Callback
 
 # Substrings of a metric name that mean "higher is better" when mode="auto".
 _MAX_WORDS = ("acc", "auc", "precision", "recall", "f1", "iou")
@@ -87,8 +88,9 @@ class EarlyStopping(Callback):
       stopped_epoch: the epoch index at which training stopped (0 if it did not).
       best, best_epoch: the best monitored value and the epoch index where it was seen.
 
-    >>> # model.fit(x, y, epochs=100, validation_split=0.2,
-    >>> #           callbacks=[EarlyStopping(patience=3, restore_best_weights=True)])
+    >>> stop = EarlyStopping(patience=3, restore_best_weights=True)
+    >>> stop.mode   # "auto" reads the monitored name: val_loss is minimized
+    'min'
     """
 
     def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
@@ -187,10 +189,10 @@ class LambdaCallback(Callback):
                  on_train_batch_begin: Callable | None = None,
                  on_train_batch_end: Callable | None = None, **hooks: Callable):
         super().__init__()
-        unknown = sorted(set(hooks) - set(_HOOKS))
+        unknown = sorted(set(hooks) - set(HOOKS))
         if unknown:
             raise TypeError(f"Unknown hook names {unknown} for LambdaCallback. Expected names "
-                            f"from {list(_HOOKS)}.")
+                            f"from {list(HOOKS)}.")
         hooks.update(on_epoch_begin=on_epoch_begin, on_epoch_end=on_epoch_end,
                      on_train_begin=on_train_begin, on_train_end=on_train_end,
                      on_train_batch_begin=on_train_batch_begin,
@@ -204,26 +206,15 @@ class LambdaCallback(Callback):
             self._given.add(name)
             setattr(self, name, _bind(name, fn))
 
-    def wants_batch_logs(self) -> bool:
-        return any(name in self._given for name in ("on_train_batch_begin", "on_train_batch_end"))
+    def wants_batch_logs(self, hook: str | None = None) -> bool:
+        hooks = BATCH_HOOKS if hook is None else (hook,)
+        return any(name in self._given for name in hooks)
 
 
 def _bind(name: str, fn: Callable) -> Callable:
     if "epoch_" in name or "batch_" in name:
         return lambda index, logs=None: fn(index, logs)
     return lambda logs=None: fn(logs)
-
-
-def _set_model_learning_rate(model, value: float) -> None:
-    model.opt_state = optimizers_lib.set_learning_rate(model.opt_state, value)
-
-
-def _model_learning_rate(model) -> float:
-    value = optimizers_lib.learning_rate(model.opt_state)
-    if value is None:
-        raise ValueError(f"{optimizers_lib.NO_LEARNING_RATE} Received: Model(optimizer="
-                         f"{model.optimizer!r}).")
-    return value
 
 
 class LearningRateScheduler(Callback):
@@ -242,7 +233,7 @@ class LearningRateScheduler(Callback):
       ValueError: (during fit) if the optimizer has no injected learning rate, or the
         schedule returns something that is not a finite number >= 0.
 
-    >>> # LearningRateScheduler(lambda epoch, lr: lr if epoch < 10 else lr * 0.9)
+    >>> scheduler = LearningRateScheduler(lambda epoch, lr: lr if epoch < 10 else lr * 0.9)
     """
 
     def __init__(self, schedule: Callable, verbose: int = 0):
@@ -259,6 +250,10 @@ class LearningRateScheduler(Callback):
         except (TypeError, ValueError):
             self._two_args = True
 
+    def on_train_begin(self, logs=None):
+        if self.model.built:
+            self.model.learning_rate  # fails early, with the fix, without an injected rate
+
     def on_epoch_begin(self, epoch, logs=None):
         if self.model.built:
             self._apply(epoch)
@@ -270,11 +265,11 @@ class LearningRateScheduler(Callback):
             epoch, self._pending = self._pending, None
             self._apply(epoch)
 
-    def wants_batch_logs(self) -> bool:
+    def wants_batch_logs(self, hook: str | None = None) -> bool:
         return False
 
     def _apply(self, epoch: int) -> None:
-        current = _model_learning_rate(self.model)
+        current = self.model.learning_rate
         value = self.schedule(epoch, current) if self._two_args else self.schedule(epoch)
         try:
             new = float(value)
@@ -283,7 +278,7 @@ class LearningRateScheduler(Callback):
         if not math.isfinite(new) or new < 0:
             raise ValueError("Expected `schedule` to return a finite learning rate >= 0. "
                              f"Received: {value!r} for epoch {epoch}.")
-        _set_model_learning_rate(self.model, new)
+        self.model.learning_rate = new
         if self.verbose:
             print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {new:.6g}.",
                   flush=True)
@@ -344,10 +339,10 @@ class ReduceLROnPlateau(Callback):
         elif self.cooldown_counter <= 0:
             self.wait += 1
             if self.wait >= self.patience:
-                old = _model_learning_rate(self.model)
+                old = self.model.learning_rate
                 if old > float(np.float32(self.min_lr)):
                     new = max(old * self.factor, self.min_lr)
-                    _set_model_learning_rate(self.model, new)
+                    self.model.learning_rate = new
                     if self.verbose:
                         print(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to "
                               f"{new:.6g}.", flush=True)

@@ -1,0 +1,336 @@
+"""Feeds: user data turned into segments of batches that the executor runs.
+
+A feed never sees the model. It checks its own arguments, places its data through the
+layout, and describes each run as :class:`Segment` s: ``num_batches`` consecutive batches
+that one compiled function can run in any split, ``run(carry, start, count)``. The
+executor (``hkfit._engine``) decides how many batches each execution takes.
+
+Three kinds of data:
+
+* arrays resident on the device (training data, and validation data inside ``fit``):
+  placed once, batched by row indices inside the compiled loop;
+* host arrays streamed in chunks of about ``CHUNK_BYTES`` (``evaluate`` / ``predict`` on
+  one device): the copy of chunk ``i + 1`` overlaps the computation on chunk ``i``, and
+  the device never holds a second copy of the whole dataset;
+* iterables of batches, moved to the device two batches ahead.
+
+The last partial batch of evaluation and prediction is padded with zero-weight rows, so
+results are exact over every row. In training it is its own call (so BatchNorm
+statistics see exactly its rows), except for models without Haiku state, where a
+zero-weight-padded last batch trains exactly like the short one and joins the fused call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hkfit import _compat
+from hkfit import _data as data_lib
+from hkfit.step import Batch
+
+CHUNK_BYTES = 8 << 20
+
+
+class Segment(NamedTuple):
+    """Consecutive batches that one compiled function runs in any split.
+
+    Attributes:
+      first: the index of the segment's first batch in its epoch or run.
+      num_batches: how many batches it holds.
+      run: ``(carry, start, count) -> carry`` runs batches ``start .. start + count - 1``
+        of the segment.
+      fusable: whether ``count`` may exceed 1.
+      timed: whether its executions are representative for pacing (an odd-shaped last
+        batch compiles on first use, so it is not).
+      outputs: for prediction, ``(carry, start, count) -> outputs`` of those batches.
+    """
+    first: int
+    num_batches: int
+    run: Callable[[Any, int, int], Any]
+    fusable: bool = True
+    timed: bool = True
+    outputs: Callable[[Any, int, int], Any] | None = None
+
+
+def split_validation(data: Batch, fraction: float) -> tuple[Batch, Batch]:
+    """Splits off the LAST ``fraction`` of the rows (before any shuffling), as Keras does.
+
+    Raises:
+      ValueError: if either part would be empty.
+    """
+    n = data_lib.num_rows(data.x, "x")
+    split_at = int(n * (1 - fraction))
+    if split_at in (0, n):
+        raise ValueError(f"`validation_split`={fraction} leaves {split_at} training and "
+                         f"{n - split_at} validation rows out of {n}. Expected at least one "
+                         "of each.")
+    return data_lib.take_rows(data, 0, split_at), data_lib.take_rows(data, split_at, None)
+
+
+# --- Training ---------------------------------------------------------------------------
+
+
+class TrainArrays:
+    """Training arrays put on the device once; an epoch is a row order plus fused calls.
+
+    Args:
+      data: the checked host arrays with their per-row weights.
+      batch_size: the GLOBAL batch size (the layout says how many rows are local).
+      layout: where the rows live.
+      shuffle: shuffle the rows each epoch (deterministic from the key and epoch index).
+      steps_per_epoch: at most this many batches per epoch.
+    """
+
+    def __init__(self, data: Batch, batch_size: int, layout: Any, *, shuffle: bool,
+                 steps_per_epoch: int | None):
+        self.batch_size = layout.local_batch_size(batch_size)
+        self.n = data_lib.num_rows(data.x, "x")
+        self.shuffle, self.layout = shuffle, layout
+        self.num_full = self.n // self.batch_size
+        self.has_tail = self.n % self.batch_size > 0
+        if steps_per_epoch is not None and steps_per_epoch < self.num_full + self.has_tail:
+            self.num_full, self.has_tail = steps_per_epoch, False
+        self.steps: int | None = self.num_full + self.has_tail
+        self.data = layout.place_rows(data)
+        self.exhausted = False
+
+    def segments(self, program: Any, ts: Any, key: jax.Array, epoch_index: int,
+                 fused: bool) -> list[Segment]:
+        """The epoch's segments; the carry is ``(train_state, logs)``."""
+        pad = (self.has_tail and fused and self.layout.pads_train_tail
+               and not jax.tree_util.tree_leaves(ts.state)
+               and _compat.threefry_partitionable())
+        full, tail = data_lib.epoch_order(key, epoch_index, num_rows=self.n,
+                                          batch_size=self.batch_size, shuffle=self.shuffle,
+                                          pad_tail=pad)
+        if not self.has_tail:
+            tail = None  # steps_per_epoch cut the epoch before the leftover rows
+        full, tail = self.layout.place_state((full, tail))
+        fn = program.train_run(ts, fused)
+
+        def runner(idx):
+            return lambda carry, start, count: fn(*carry, self.data, idx, start, count)
+
+        segments = [Segment(0, self.num_full + pad, runner(full), fusable=fused)]
+        if tail is not None:
+            segments.append(Segment(self.num_full, 1, runner(tail), fusable=fused, timed=False))
+        return segments
+
+
+class Batches:
+    """An iterable of ``(x, y[, w])`` (or input-only) batches, moved to the device ahead.
+
+    Without ``steps`` each pass is ``iter(source)`` again; with it, one iterator is shared
+    by all passes and a pass is at most ``steps`` batches, so infinite generators work.
+    """
+
+    def __init__(self, source: Iterable, steps: int | None, convert: Callable, *,
+                 name: str = "x", shared: bool = True):
+        if not isinstance(source, Iterable) or data_lib.is_array(source):
+            raise TypeError(f"Expected `{name}` to be arrays or an iterable of batches. "
+                            f"Received: {type(source).__name__}.")
+        self.source, self.steps_per_pass, self.convert = source, steps, convert
+        self.steps = steps or (len(source) if hasattr(source, "__len__") else None)
+        self._shared = iter(source) if (steps is not None and shared) else None
+        self.exhausted = False
+
+    def open(self, steps: int | None = None) -> "Pass":
+        """One pass: a prefetching iterator of device batches, ``.first`` peeked."""
+        iterator = self._shared if self._shared is not None else iter(self.source)
+        limit = self.steps_per_pass if steps is None else steps
+        return Pass(data_lib.Prefetcher(data_lib.iterate(iterator, limit), self.convert))
+
+
+class Pass:
+    """The device batches of one pass over an iterable, with the first one peeked."""
+
+    def __init__(self, batches: Iterator):
+        self._batches = batches
+        self.first = next(batches, None)
+        self.count = 0
+
+    def __iter__(self) -> Iterator:
+        if self.first is not None:
+            first, self.first = self.first, None
+            self.count += 1
+            yield first
+        for batch in self._batches:
+            self.count += 1
+            yield batch
+
+    def segments(self, step: Callable[[Any, Any, int], Any],
+                 outputs: Callable | None = None) -> Iterator[Segment]:
+        """One segment per batch: ``step(carry, batch, index) -> carry``."""
+        for i, batch in enumerate(self):
+            yield Segment(i, 1, lambda carry, _s, _c, b=batch, i=i: step(carry, b, i),
+                          fusable=False, outputs=outputs)
+
+
+# --- Evaluation and prediction over arrays ----------------------------------------------
+
+
+def chunks(tree: Any, num_rows: int, batch_size: int):
+    """Yields ``(first_batch, num_batches, device_chunk)`` over ``tree``'s first ``num_rows``.
+
+    Every chunk has the same number of rows (the last one is padded by repeating its last
+    row, with weight 0 in a :class:`Batch`), so one compilation serves them all. Each chunk
+    is sent to the device before the previous one is handed out, so its copy overlaps the
+    work on the previous chunk.
+    """
+    row_bytes = sum(np.asarray(a[:1]).nbytes for a in jax.tree_util.tree_leaves(tree))
+    per_chunk = max(1, min(math.ceil(num_rows / batch_size),
+                           CHUNK_BYTES // max(1, row_bytes * batch_size)))
+    rows = per_chunk * batch_size
+
+    def put(first_row):
+        stop = first_row + rows
+        if stop <= num_rows:
+            return jax.device_put(jax.tree_util.tree_map(lambda a: a[first_row:stop], tree))
+        index = np.arange(first_row, stop)
+        part = jax.tree_util.tree_map(lambda a: a[np.minimum(index, num_rows - 1)], tree)
+        if isinstance(part, Batch):  # repeated rows must not count
+            part = part._replace(
+                weights=np.where(index < num_rows, part.weights, 0).astype(np.float32))
+        return jax.device_put(part)
+
+    starts = list(range(0, num_rows, rows))
+    ahead = put(0)
+    for i, first_row in enumerate(starts):
+        current = ahead
+        if i + 1 < len(starts):
+            ahead = put(starts[i + 1])
+        yield (first_row // batch_size, math.ceil(min(rows, num_rows - first_row) / batch_size),
+               current)
+
+
+class EvalArrays:
+    """Evaluation arrays: on the device (placed once) or on the host (streamed in chunks).
+
+    Args:
+      data: the checked host arrays with their per-row weights.
+      batch_size: rows per batch (capped at the number of rows).
+      layout: where arrays live; streaming is used only where it allows it.
+      resident: put the rows on the device now (validation data reused every epoch).
+    """
+
+    def __init__(self, data: Batch, batch_size: int, layout: Any, *, resident: bool):
+        self.n = data_lib.num_rows(data.x, "x")
+        self.batch_size = min(batch_size, self.n)
+        self.on_host = not resident and layout.streams_inference
+        self.data = data if self.on_host else layout.place_rows(data)
+
+    def num_batches(self, steps: int | None = None) -> int:
+        total = math.ceil(self.n / self.batch_size)
+        return total if steps is None else min(total, steps)
+
+    def segments(self, program: Any, params: Any, state: Any, fused: bool,
+                 steps: int | None = None) -> Iterator[Segment]:
+        """The run's segments; the carry is the metric states (``logs``)."""
+        fn = program.eval_run(self.batch_size, fused)
+        if not self.on_host:
+            yield Segment(0, self.num_batches(steps), lambda logs, start, count: fn(
+                params, state, 0, logs, self.data, start, count), fusable=fused)
+            return
+        rows = min(self.n, self.num_batches(steps) * self.batch_size)
+        for first, count, chunk in chunks(self.data, rows, self.batch_size):
+            yield Segment(first, count, lambda logs, start, k, chunk=chunk, first=first: fn(
+                params, state, first, logs, chunk, start, k), fusable=fused)
+
+
+class PredictArrays:
+    """Prediction over arrays: streamed from the host, or placed once by the layout.
+
+    The carry is a :class:`Collector` that writes each chunk's outputs into one host
+    buffer of exactly ``n`` rows, fetching a chunk while the next one computes.
+    """
+
+    def __init__(self, x: Any, batch_size: int, layout: Any, steps: int | None):
+        self.x, self.layout = x, layout
+        n = data_lib.num_rows(x, "x")
+        if n == 0:
+            raise ValueError("Expected at least one row to predict. Received: 0 rows.")
+        self.batch_size = min(batch_size, n)
+        self.n = n if steps is None else min(n, steps * self.batch_size)
+        self.steps = math.ceil(self.n / self.batch_size)
+
+    def collector(self, spec: Any) -> "Collector":
+        return Collector(spec, self.n, self.batch_size)
+
+    def segments(self, program: Any, params: Any, state: Any, fused: bool) -> Iterator[Segment]:
+        fn = program.predict_run(self.batch_size, fused)
+
+        def outputs(collector, start, count):
+            return collector.rows(start, count)
+
+        if not self.layout.streams_inference:
+            x = self.layout.place_rows(self.x)
+
+            def run_placed(collector, start, count):
+                if collector.buffer is None:
+                    collector.open(0, self.steps * self.batch_size, self.layout)
+                collector.buffer = fn(params, state, 0, collector.buffer, x, start, count)
+                return collector
+
+            yield Segment(0, self.steps, run_placed, fusable=fused, outputs=outputs)
+            return
+        for first, count, chunk in chunks(self.x, self.n, self.batch_size):
+            rows = jax.tree_util.tree_leaves(chunk)[0].shape[0]
+
+            def run_chunk(collector, start, k, chunk=chunk, first=first, rows=rows):
+                if start == 0:
+                    collector.open(first, rows, self.layout)
+                collector.buffer = fn(params, state, first, collector.buffer, chunk, start, k)
+                return collector
+
+            yield Segment(first, count, run_chunk, fusable=fused, outputs=outputs)
+
+
+class Collector:
+    """Host buffer of ``n`` output rows, filled chunk by chunk (one chunk fetched late)."""
+
+    def __init__(self, spec: Any, n: int, batch_size: int):
+        self.spec, self.n, self.batch_size = spec, n, batch_size
+        self.result = jax.tree_util.tree_map(
+            lambda s: np.empty((n, *s.shape[1:]), s.dtype), spec)
+        self.buffer: Any = None
+        self._first_batch = 0
+        self._pending: tuple | None = None
+
+    def open(self, first_batch: int, rows: int, layout: Any) -> None:
+        """Starts a chunk buffer of ``rows`` rows whose first batch is ``first_batch``."""
+        if self.buffer is not None:  # fetch the previous chunk while this one computes
+            self._flush()
+            self._pending = (self._first_batch, self.buffer)
+        self._first_batch = first_batch
+        self.buffer = layout.place_state(jax.tree_util.tree_map(
+            lambda s: jnp.zeros((rows, *s.shape[1:]), s.dtype), self.spec))
+
+    def _flush(self) -> None:
+        if self._pending is None:
+            return
+        first_batch, out = self._pending
+        first_row = first_batch * self.batch_size
+        for target, values in zip(jax.tree_util.tree_leaves(self.result),
+                                  jax.tree_util.tree_leaves(jax.device_get(out))):
+            values = np.asarray(values)
+            target[first_row:first_row + len(values)] = values[:self.n - first_row]
+        self._pending = None
+
+    def rows(self, start: int, count: int) -> Any:
+        """The device outputs of batches ``start .. start + count - 1`` of the open chunk."""
+        lo = start * self.batch_size
+        hi = min((start + count) * self.batch_size, self.n - self._first_batch * self.batch_size)
+        return jax.tree_util.tree_map(lambda a: a[lo:hi], self.buffer)
+
+    def finish(self) -> Any:
+        """The full host result (numpy), exactly ``n`` rows."""
+        self._flush()
+        if self.buffer is not None:
+            self._pending, self.buffer = (self._first_batch, self.buffer), None
+            self._flush()
+        return self.result

@@ -1,0 +1,169 @@
+"""The compiled functions of one model: train, eval and predict; fused or step-wise.
+
+A :class:`Program` is built from :mod:`hkfit.step`'s pure functions once the model knows
+its metrics, and compiles each function once (per batch size, for the fused inference
+loops). It also keeps the pacers of the model, which remember their timing across calls.
+
+Inference draws its randomness per batch: batch ``b`` of an evaluate/predict run uses
+``step.batch_key(inference_key, b)``, so a stochastic forward (a VAE's sampling) draws
+fresh noise for every row whatever the batch size, and repeated calls are identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from hkfit import _pacing
+from hkfit import step as step_lib
+from hkfit._forward import Forward
+from hkfit.step import Batch, TrainState
+
+
+class Program:
+    """Owns the jitted steps of one model.
+
+    Args:
+      forward: the model's pure functions (see ``hkfit._forward``).
+      loss_fn: ``(y_true, y_pred) -> per-example losses``.
+      optimizer: the Optax transformation.
+      metrics: resolved metric objects, or ``None`` when no labels were seen yet (only
+        the predict functions are available then).
+      layout: where arrays live (see ``hkfit._layout``).
+      inference_key: the key inference batches fold their index into.
+    """
+
+    def __init__(self, forward: Forward, loss_fn: Callable, optimizer: Any,
+                 metrics: Sequence[Any] | None, layout: Any, inference_key: jax.Array):
+        self.forward, self.loss_fn, self.optimizer = forward, loss_fn, optimizer
+        self.metrics = None if metrics is None else list(metrics)
+        self.layout = layout
+        self.inference_key = inference_key
+        self._jitted: dict[tuple, Callable] = {}
+        self._pacers: dict[tuple, _pacing.Pacer] = {}
+        self._loops_help: bool | None = None
+
+    def _cached(self, key: tuple, build: Callable[[], Callable]) -> Callable:
+        if key not in self._jitted:
+            self._jitted[key] = build()
+        return self._jitted[key]
+
+    def _metric_list(self) -> list:
+        if self.metrics is None:
+            raise ValueError("Loss and metrics need labels: call `fit`, `evaluate` or "
+                             "`train_on_batch` with targets `y` first.")
+        return self.metrics
+
+    # --- Logs ---
+
+    def empty_logs(self) -> tuple:
+        """Metric states of no example, placed by the layout."""
+        return self.layout.place_state(step_lib.empty_logs(self._metric_list()))
+
+    def read_logs(self, logs: tuple) -> dict[str, float]:
+        """Metric states -> Python floats (a device sync)."""
+        return step_lib.compute_logs(jax.device_get(logs), self._metric_list())
+
+    # --- Training ---
+
+    def _jit_train(self, step: Callable, ts: TrainState) -> Callable:
+        kwargs: dict[str, Any] = {"donate_argnums": (0, 1)}
+        shardings = self.layout.state_shardings(ts)
+        if shardings is not None:  # pinned: unmatched parameters stay replicated
+            logs = jax.tree_util.tree_map(lambda _: shardings.step, self.empty_logs())
+            kwargs["out_shardings"] = (shardings, logs)
+        return jax.jit(step, **kwargs)
+
+    def _train_step(self) -> Callable:
+        return step_lib.make_train_step(self.forward.apply_train, self.loss_fn, self.optimizer,
+                                        self._metric_list())
+
+    def train_step(self, ts: TrainState) -> Callable:
+        """``(ts, logs, batch) -> (ts, logs)`` for one batch (iterables, train_on_batch)."""
+        return self._cached(("train",), lambda: self._jit_train(self._train_step(), ts))
+
+    def train_run(self, ts: TrainState, fuse: bool) -> Callable:
+        """``(ts, logs, data, idx, start, count) -> (ts, logs)`` over device-resident rows."""
+        def build():
+            run = step_lib.make_fused_train(self._train_step(), fuse=fuse,
+                                            **self.layout.step_options("train"))
+            return self._jit_train(run, ts)
+        return self._cached(("train_run", fuse), build)
+
+    # --- Inference ---
+
+    def apply_eval(self, params, state, rng, x):
+        return self.forward.apply_eval(params, state, rng, x)
+
+    def eval_step(self) -> Callable:
+        """``(params, state, logs, batch, index) -> logs`` for batch ``index`` of a run."""
+        def build():
+            step = step_lib.make_eval_step(self.apply_eval, self.loss_fn, self._metric_list(),
+                                           keyed=True)
+            key = self.inference_key
+            return jax.jit(lambda params, state, logs, batch, index: step(
+                params, state, logs, batch, step_lib.batch_key(key, index)), donate_argnums=(2,))
+        return self._cached(("eval",), build)
+
+    def eval_run(self, batch_size: int, fuse: bool) -> Callable:
+        """``(params, state, offset, logs, data, start, count) -> logs`` over rows of data."""
+        def build():
+            step = step_lib.make_eval_step(self.apply_eval, self.loss_fn, self._metric_list(),
+                                           keyed=True)
+            run = step_lib.make_fused_eval(step, batch_size, fuse, keyed=True,
+                                           **self.layout.step_options("eval"))
+            key = self.inference_key
+            return jax.jit(lambda params, state, offset, logs, data, start, count: run(
+                params, state, key, offset, logs, data, start, count), donate_argnums=(3,))
+        return self._cached(("eval_run", batch_size, fuse), build)
+
+    def predict_step(self) -> Callable:
+        """``(params, state, x, index) -> y`` for batch ``index`` of a run."""
+        def build():
+            step = step_lib.make_predict_step(self.apply_eval, keyed=True)
+            key = self.inference_key
+            return jax.jit(lambda params, state, x, index: step(
+                params, state, x, step_lib.batch_key(key, index)))
+        return self._cached(("predict",), build)
+
+    def predict_run(self, batch_size: int, fuse: bool) -> Callable:
+        """``(params, state, offset, out, x, start, count) -> out`` writing rows of ``out``."""
+        def build():
+            step = step_lib.make_predict_step(self.apply_eval, keyed=True)
+            run = step_lib.make_fused_predict(step, batch_size, fuse, keyed=True,
+                                              **self.layout.step_options("predict"))
+            key = self.inference_key
+            return jax.jit(lambda params, state, offset, out, x, start, count: run(
+                params, state, key, offset, out, x, start, count), donate_argnums=(3,))
+        return self._cached(("predict_run", batch_size, fuse), build)
+
+    def output_spec(self, params, state, x) -> Any:
+        """Shapes and dtypes of the forward's output for the batch ``x`` (no compute)."""
+        return jax.eval_shape(self.apply_eval, params, state, self.inference_key, x)
+
+    # --- Pacing ---
+
+    def loops_help(self, params, state, example) -> bool:
+        """Whether fusing steps into a compiled loop pays off here (see ``hkfit._pacing``)."""
+        if self._loops_help is None:
+            self._loops_help = _pacing.loops_help(
+                self.apply_eval, params, state, self.inference_key, example,
+                platform=self.layout.platform)
+        return self._loops_help
+
+    def pacer(self, kind: str, steps_per_execution: Any, fuse_auto: bool) -> _pacing.Pacer:
+        """The pacer of ``kind`` (kept across calls: it remembers its timing)."""
+        key = (kind, steps_per_execution, fuse_auto)
+        if key not in self._pacers:
+            self._pacers[key] = _pacing.Pacer(steps_per_execution, fuse_auto=fuse_auto)
+        return self._pacers[key]
+
+
+def zeros_like_spec(spec: Any) -> Any:
+    """Zeros with the shapes and dtypes of a pytree of ``jax.ShapeDtypeStruct``."""
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+
+
+__all__ = ["Batch", "Program", "zeros_like_spec"]
