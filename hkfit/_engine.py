@@ -46,7 +46,8 @@ def steps_per_execution_for(callbacks: CallbackList, mode: Mode, requested: Any)
     integer ``save_freq``) then sees every batch, as it would in Keras. An explicit int
     stays the user's choice.
     """
-    if requested == "auto" and callbacks.wants_batch_logs(mode.batch_end):
+    if requested == "auto" and (callbacks.wants_batch_logs(mode.batch_begin)
+                                or callbacks.wants_batch_logs(mode.batch_end)):
         return 1
     return requested
 

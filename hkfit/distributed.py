@@ -42,8 +42,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       cpu_collectives: ``"gloo"``, ``"mpi"`` or ``None``.
       **kwargs: passed on to ``jax.distributed.initialize`` (e.g. ``local_device_ids``).
 
-    >>> # in each of 2 processes:
-    >>> # hkfit.distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=i)
+    In each of 2 processes (``i`` = 0 or 1), before anything else touches JAX::
+
+        hkfit.distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=i)
+
+    >>> is_main_process()   # a single-process run is its own main process
+    True
     """
     if cpu_collectives is not None:
         _compat.set_cpu_collectives(cpu_collectives)

@@ -22,9 +22,12 @@ Covered:
   * evaluate reads its logs from the device only when needed;
   * float64 / int64 inputs train without warnings; bfloat16 NaN inputs are refused;
   * ``hkfit.with_is_training`` for a transform whose apply takes ``is_training``;
-  * ``DataParallel`` with ``param_sharding`` keeps unmatched parameters replicated.
+  * ``DataParallel`` with ``param_sharding`` keeps unmatched parameters replicated and
+    compiles its training step once per fit;
+  * a forward that fails is traced once, and its own error propagates.
 """
 
+import logging
 import os
 import re
 import warnings
@@ -426,7 +429,7 @@ def test_with_is_training_uses_moving_statistics_at_inference():
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
-def test_param_sharding_keeps_unmatched_params_replicated():
+def test_param_sharding_keeps_unmatched_params_replicated(caplog):
     from jax.sharding import PartitionSpec as P
 
     def two_layers(x):
@@ -436,9 +439,32 @@ def test_param_sharding_keeps_unmatched_params_replicated():
                                   param_sharding=[("linear/w", P(None, "model"))])
     x, _ = data(32)
     model = hkfit.Model(two_layers, loss="mse", optimizer="sgd", distribution=strategy)
-    model.fit(x, np.zeros((32, 2), np.float32), epochs=1, batch_size=8, verbose=0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+        model.fit(x, np.zeros((32, 2), np.float32), epochs=2, batch_size=8, verbose=0,
+                  steps_per_execution=2)
+    train_compiles = [r.getMessage() for r in caplog.records
+                      if r.getMessage().startswith("Compiling") and (
+                          "jit(run)" in r.getMessage() or "Compiling run " in r.getMessage())]
+    assert len(train_compiles) == 1, train_compiles  # pinned output shardings: once per fit
     assert model.params["head"]["w"].sharding.is_fully_replicated
     assert model.params["head"]["b"].sharding.is_fully_replicated
     split = model.params["linear"]["w"]
     assert not split.sharding.is_fully_replicated
     assert split.addressable_shards[0].data.shape == (4, 4)
+
+
+# --- Initialization ----------------------------------------------------------------------
+
+
+def test_a_broken_forward_is_traced_once():
+    traces = []
+
+    def broken(x):
+        traces.append(1)
+        raise RuntimeError("a bug in the forward")
+
+    model = hkfit.Model(broken, loss="mse")
+    with pytest.raises(RuntimeError, match="a bug in the forward"):
+        model.init(np.zeros((2, 3), np.float32))
+    assert len(traces) == 1
