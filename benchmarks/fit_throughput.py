@@ -41,18 +41,19 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["KERAS_BACKEND"] = "jax"  # keras must use the same backend as everything else
 
-import haiku as hk  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import hkfit  # noqa: E402
+import hkfit
 
 HIDDEN = (256, 256)
 CLASSES = 10
@@ -67,6 +68,7 @@ def import_keras():
     if "module" not in _KERAS:
         try:
             import keras
+
             _KERAS["module"], _KERAS["error"] = keras, None
         except Exception as e:  # not installed, or no usable backend
             _KERAS["module"], _KERAS["error"] = None, f"{type(e).__name__}: {e}"
@@ -96,6 +98,7 @@ def synthetic(n: int, n_test: int, dim: int = 784, seed: int = 0) -> Data:
 def digits() -> Data:
     """scikit-learn's 8x8 digits (all 1797 rows, 64 features) scaled to [0, 1]."""
     from sklearn.datasets import load_digits
+
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32)
     y = bunch.target.astype(np.int32)
@@ -209,7 +212,7 @@ def hand_accuracy(net: hk.Transformed, params, x, y, batch_size: int = 1024) -> 
     eval_batch, _ = make_apply(net)
     sums = jnp.zeros(2)
     for i in range(0, len(x), batch_size):
-        sums = eval_batch(params, sums, x[i:i + batch_size], y[i:i + batch_size])
+        sums = eval_batch(params, sums, x[i : i + batch_size], y[i : i + batch_size])
     return float(sums[1]) / len(x)
 
 
@@ -229,8 +232,13 @@ def run_hkfit(data: Data, batch_size: int, epochs: int, seed: int) -> Run:
             ends.append(now())
 
     ends = [now()]
-    model = hkfit.Model(forward, loss="sparse_categorical_crossentropy",
-                        optimizer=optax.adam(LEARNING_RATE), metrics=["accuracy"], seed=seed)
+    model = hkfit.Model(
+        forward,
+        loss="sparse_categorical_crossentropy",
+        optimizer=optax.adam(LEARNING_RATE),
+        metrics=["accuracy"],
+        seed=seed,
+    )
     model.fit(data.x, data.y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[Clock()])
     accuracy = model.evaluate(data.x_test, data.y_test, batch_size=1024, verbose=0)["accuracy"]
     return Run(ends, accuracy)
@@ -248,7 +256,7 @@ def run_jit_loop(data: Data, batch_size: int, epochs: int, seed: int) -> Run:
         order = rng.permutation(n)
         sums = jnp.zeros(2)
         for i in range(0, n, batch_size):
-            rows = order[i:i + batch_size]
+            rows = order[i : i + batch_size]
             params, opt_state, sums = step(params, opt_state, sums, x[rows], y[rows])
         float(sums[0])  # the epoch's loss reaches the host, as any real loop would log it
         ends.append(now())
@@ -269,10 +277,13 @@ def run_scan_epoch(data: Data, batch_size: int, epochs: int, seed: int) -> Run:
         order = jax.random.permutation(epoch_key, n)
         xs, ys = jnp.take(x, order, axis=0), jnp.take(y, order, axis=0)
         cut = num_full * batch_size
-        batches = (xs[:cut].reshape(num_full, batch_size, *xs.shape[1:]),
-                   ys[:cut].reshape(num_full, batch_size))
-        carry, _ = jax.lax.scan(lambda c, b: (step(*c, *b), None),
-                                (params, opt_state, jnp.zeros(2)), batches)
+        batches = (
+            xs[:cut].reshape(num_full, batch_size, *xs.shape[1:]),
+            ys[:cut].reshape(num_full, batch_size),
+        )
+        carry, _ = jax.lax.scan(
+            lambda c, b: (step(*c, *b), None), (params, opt_state, jnp.zeros(2)), batches
+        )
         if tail:
             carry = step(*carry, xs[cut:], ys[cut:])
         return carry
@@ -295,19 +306,29 @@ def run_keras(data: Data, batch_size: int, epochs: int, seed: int) -> Run:
 
     ends = [now()]
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input(data.x.shape[1:]),
-                              *(keras.layers.Dense(h, activation="relu") for h in HIDDEN),
-                              keras.layers.Dense(CLASSES)])
-    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model = keras.Sequential(
+        [
+            keras.Input(data.x.shape[1:]),
+            *(keras.layers.Dense(h, activation="relu") for h in HIDDEN),
+            keras.layers.Dense(CLASSES),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(LEARNING_RATE),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     model.fit(data.x, data.y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[Clock()])
     result = model.evaluate(data.x_test, data.y_test, batch_size=1024, verbose=0, return_dict=True)
     return Run(ends, float(result["accuracy"]))
 
 
-RUNNERS = {"hkfit": run_hkfit, "jit loop": run_jit_loop, "scan epoch": run_scan_epoch,
-           "keras": run_keras}
+RUNNERS = {
+    "hkfit": run_hkfit,
+    "jit loop": run_jit_loop,
+    "scan epoch": run_scan_epoch,
+    "keras": run_keras,
+}
 
 
 # --- Measurement -------------------------------------------------------------------------
@@ -315,6 +336,7 @@ RUNNERS = {"hkfit": run_hkfit, "jit loop": run_jit_loop, "scan epoch": run_scan_
 
 class Sample(NamedTuple):
     """One run of one implementation."""
+
     samples_per_s: float  # steady state: n / median epoch time, first epoch excluded
     epoch_s: float  # that median epoch time
     samples_per_cpu_s: float  # n / median process CPU seconds per steady epoch
@@ -329,8 +351,15 @@ def measure_fit(impl: str, data: Data, batch_size: int, epochs: int, seed: int) 
         run = RUNNERS[impl](data, batch_size, epochs, seed)
     times, cpu = np.diff(np.asarray(run.ends), axis=0).T
     steady = float(np.median(times[1:]))
-    return Sample(len(data.x) / steady, steady, len(data.x) / float(np.median(cpu[1:])),
-                  float(times[0]), rss.peak, rss.growth, run.accuracy)
+    return Sample(
+        len(data.x) / steady,
+        steady,
+        len(data.x) / float(np.median(cpu[1:])),
+        float(times[0]),
+        rss.peak,
+        rss.growth,
+        run.accuracy,
+    )
 
 
 def rotated(items: tuple, r: int) -> tuple:
@@ -351,10 +380,12 @@ def bench_fit(configs, impls, repeats: int) -> dict:
             for impl in rotated(impls, r):
                 s = measure_fit(impl, data, batch_size, epochs, seed=r)
                 results[name][impl].append(s)
-                log(f"  {name:>16} r{r} {impl:>10}: {s.samples_per_s:9.0f} samples/s "
+                log(
+                    f"  {name:>16} r{r} {impl:>10}: {s.samples_per_s:9.0f} samples/s "
                     f"({s.samples_per_cpu_s:7.0f}/CPU-s), first "
                     f"epoch {s.first_epoch_s:6.2f} s, +{s.rss_growth / MB:4.0f} MB, "
-                    f"acc {s.accuracy:.3f}")
+                    f"acc {s.accuracy:.3f}"
+                )
     return results
 
 
@@ -364,8 +395,13 @@ def bench_inference(data: Data, batch_size: int, repeats: int) -> dict:
     Both read the same numpy arrays and return host values (a metrics dict, a numpy
     array). Returns ``{name: {"first": s, "times": [s, ...]}}``; round 0 compiles.
     """
-    model = hkfit.Model(forward, loss="sparse_categorical_crossentropy",
-                        optimizer=optax.adam(LEARNING_RATE), metrics=["accuracy"], seed=0)
+    model = hkfit.Model(
+        forward,
+        loss="sparse_categorical_crossentropy",
+        optimizer=optax.adam(LEARNING_RATE),
+        metrics=["accuracy"],
+        seed=0,
+    )
     model.init(data.x)
     params = model.params
     eval_batch, predict_batch = make_apply(haiku_net())
@@ -374,12 +410,12 @@ def bench_inference(data: Data, batch_size: int, repeats: int) -> dict:
     def hand_evaluate():
         sums = jnp.zeros(2)
         for i in range(0, n, batch_size):
-            sums = eval_batch(params, sums, x[i:i + batch_size], y[i:i + batch_size])
+            sums = eval_batch(params, sums, x[i : i + batch_size], y[i : i + batch_size])
         sums = np.asarray(sums)
         return {"loss": sums[0] / n, "accuracy": sums[1] / n}
 
     def hand_predict():
-        outs = [predict_batch(params, x[i:i + batch_size]) for i in range(0, n, batch_size)]
+        outs = [predict_batch(params, x[i : i + batch_size]) for i in range(0, n, batch_size)]
         return np.concatenate([np.asarray(o) for o in outs])
 
     fns = {
@@ -399,12 +435,18 @@ def bench_inference(data: Data, batch_size: int, repeats: int) -> dict:
                 results[k]["first"] = seconds
             else:
                 results[k]["times"].append(seconds)
-        log(f"  inference r{r}: " + ", ".join(
-            f"{k} {(results[k]['times'] or [results[k]['first']])[-1]:.3f} s" for k in fns))
-    np.testing.assert_allclose(outputs["hkfit predict"], outputs["hand predict"], rtol=1e-4,
-                               atol=1e-4)
-    np.testing.assert_allclose(outputs["hkfit evaluate"]["loss"],
-                               outputs["hand evaluate"]["loss"], rtol=1e-4)
+        log(
+            f"  inference r{r}: "
+            + ", ".join(
+                f"{k} {(results[k]['times'] or [results[k]['first']])[-1]:.3f} s" for k in fns
+            )
+        )
+    np.testing.assert_allclose(
+        outputs["hkfit predict"], outputs["hand predict"], rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        outputs["hkfit evaluate"]["loss"], outputs["hand evaluate"]["loss"], rtol=1e-4
+    )
     return results
 
 
@@ -430,9 +472,13 @@ def probe(impl: str, n: int, batch_size: int, epochs: int) -> dict:
     before = (status_kb("VmRSS") or 0) * 1024
     run = RUNNERS[impl](data, batch_size, epochs, seed=0)
     times = np.diff(np.asarray(run.ends)[:, 0])
-    return {"first_epoch_s": float(times[0]), "epoch_s": float(np.median(times[1:])),
-            "rss_before": before, "peak_rss": (status_kb("VmHWM") or 0) * 1024,
-            "accuracy": run.accuracy}
+    return {
+        "first_epoch_s": float(times[0]),
+        "epoch_s": float(np.median(times[1:])),
+        "rss_before": before,
+        "peak_rss": (status_kb("VmHWM") or 0) * 1024,
+        "accuracy": run.accuracy,
+    }
 
 
 def bench_cold(impls, n: int, batch_size: int, epochs: int, rounds: int) -> dict:
@@ -440,15 +486,27 @@ def bench_cold(impls, n: int, batch_size: int, epochs: int, rounds: int) -> dict
     results = {impl: [] for impl in impls}
     for r in range(rounds):
         for impl in rotated(impls, r):
-            cmd = [sys.executable, os.path.abspath(__file__), "--probe", impl, "--probe-n", str(n),
-                   "--probe-batch", str(batch_size), "--probe-epochs", str(epochs)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--probe",
+                impl,
+                "--probe-n",
+                str(n),
+                "--probe-batch",
+                str(batch_size),
+                "--probe-epochs",
+                str(epochs),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 raise RuntimeError(f"probe {impl} failed:\n{out.stderr[-3000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])
             results[impl].append(result)
-            log(f"  cold r{r} {impl:>10}: first epoch {result['first_epoch_s']:.2f} s, "
-                f"peak RSS {result['peak_rss'] / MB:.0f} MB")
+            log(
+                f"  cold r{r} {impl:>10}: first epoch {result['first_epoch_s']:.2f} s, "
+                f"peak RSS {result['peak_rss'] / MB:.0f} MB"
+            )
     return results
 
 
@@ -474,12 +532,18 @@ def load_average() -> str:
 def versions() -> str:
     import haiku
     import jaxlib
+
     keras = import_keras()
-    parts = [f"python {platform.python_version()}", f"jax {jax.__version__}",
-             f"jaxlib {jaxlib.__version__}", f"dm-haiku {haiku.__version__}",
-             f"optax {optax.__version__}", f"hkfit {hkfit.__version__}",
-             f"numpy {np.__version__}",
-             f"keras {keras.__version__} (JAX backend)" if keras else "keras not available"]
+    parts = [
+        f"python {platform.python_version()}",
+        f"jax {jax.__version__}",
+        f"jaxlib {jaxlib.__version__}",
+        f"dm-haiku {haiku.__version__}",
+        f"optax {optax.__version__}",
+        f"hkfit {hkfit.__version__}",
+        f"numpy {np.__version__}",
+        f"keras {keras.__version__} (JAX backend)" if keras else "keras not available",
+    ]
     return ", ".join(parts)
 
 
@@ -497,10 +561,13 @@ def status(ok: bool | None) -> str:
 
 
 def fit_section(configs, fit, targets: list) -> list:
-    lines = ["## fit", "",
-             "| config | implementation | samples/s | vs scan epoch | samples/CPU-s (vs scan) | "
-             "first epoch (s) | overhead (s) | RSS growth (MB) | accuracy |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## fit",
+        "",
+        "| config | implementation | samples/s | vs scan epoch | samples/CPU-s (vs scan) | "
+        "first epoch (s) | overhead (s) | RSS growth (MB) | accuracy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, data, batch_size, _ in configs:
         rows = fit[name]
         scan = med([s.samples_per_s for s in rows["scan epoch"]])
@@ -516,35 +583,57 @@ def fit_section(configs, fit, targets: list) -> list:
                 f"{sps / scan:.2f}x | {cpu:,.0f} ({cpu / scan_cpu:.2f}x) | "
                 f"{med([s.first_epoch_s for s in samples]):.2f} | "
                 f"{overhead:.2f} | {med([s.rss_growth for s in samples]) / MB:.0f} | "
-                f"{med([s.accuracy for s in samples]):.3f} ({data.test_name}) |")
+                f"{med([s.accuracy for s in samples]):.3f} ({data.test_name}) |"
+            )
         hk_sps, hk_over = stat["hkfit"]
         if batch_size >= 1024:
             worst = min(stat["jit loop"][0], stat["scan epoch"][0])
-            targets.append((f"{name}: fit within 5% of the hand-written loops",
-                            f"{hk_sps / stat['jit loop'][0]:.2f}x jit loop, "
-                            f"{hk_sps / scan:.2f}x scan epoch", hk_sps >= 0.95 * worst))
+            targets.append(
+                (
+                    f"{name}: fit within 5% of the hand-written loops",
+                    f"{hk_sps / stat['jit loop'][0]:.2f}x jit loop, "
+                    f"{hk_sps / scan:.2f}x scan epoch",
+                    hk_sps >= 0.95 * worst,
+                )
+            )
         else:
-            targets.append((f"{name}: fit >= 0.95x scan epoch", f"{hk_sps / scan:.2f}x",
-                            hk_sps >= 0.95 * scan))
+            targets.append(
+                (f"{name}: fit >= 0.95x scan epoch", f"{hk_sps / scan:.2f}x", hk_sps >= 0.95 * scan)
+            )
         if "keras" in stat:
-            targets.append((f"{name}: first-epoch overhead (warm process) <= Keras",
-                            f"{hk_over:.2f} s vs {stat['keras'][1]:.2f} s",
-                            hk_over <= stat["keras"][1]))
+            targets.append(
+                (
+                    f"{name}: first-epoch overhead (warm process) <= Keras",
+                    f"{hk_over:.2f} s vs {stat['keras'][1]:.2f} s",
+                    hk_over <= stat["keras"][1],
+                )
+            )
     return lines
 
 
 def inference_section(inference, targets: list) -> list:
     batch_size, n, res = inference["batch_size"], inference["n"], inference["results"]
-    lines = [f"## evaluate / predict ({n:,} rows, batch {batch_size})", "",
-             "| call | samples/s | vs hand-written | first call (s) |", "|---|---:|---:|---:|"]
+    lines = [
+        f"## evaluate / predict ({n:,} rows, batch {batch_size})",
+        "",
+        "| call | samples/s | vs hand-written | first call (s) |",
+        "|---|---:|---:|---:|",
+    ]
     for kind in ("evaluate", "predict"):
         hk_t, hand_t = med(res[f"hkfit {kind}"]["times"]), med(res[f"hand {kind}"]["times"])
         for who, t in ((f"hkfit {kind}", hk_t), (f"hand {kind}", hand_t)):
             rates = [n / v for v in res[who]["times"]]
-            lines.append(f"| {who} | {n / t:,.0f}{spread(rates)} | {hand_t / t:.2f}x | "
-                         f"{res[who]['first']:.2f} |")
-        targets.append((f"{kind} >= 0.95x hand-written jitted apply", f"{hand_t / hk_t:.2f}x",
-                        hk_t <= hand_t / 0.95))
+            lines.append(
+                f"| {who} | {n / t:,.0f}{spread(rates)} | {hand_t / t:.2f}x | "
+                f"{res[who]['first']:.2f} |"
+            )
+        targets.append(
+            (
+                f"{kind} >= 0.95x hand-written jitted apply",
+                f"{hand_t / hk_t:.2f}x",
+                hk_t <= hand_t / 0.95,
+            )
+        )
     return lines
 
 
@@ -553,23 +642,37 @@ def scaling_section(scaling, targets: list) -> list:
     sizes = sorted(results)
     per_sample = {n: med(results[n]) / n for n in sizes}
     largest = per_sample[sizes[-1]]
-    lines = [f"## scaling (hkfit fit, batch {scaling['batch_size']})", "",
-             "| samples | s/epoch | µs/sample | vs largest |", "|---:|---:|---:|---:|"]
+    lines = [
+        f"## scaling (hkfit fit, batch {scaling['batch_size']})",
+        "",
+        "| samples | s/epoch | µs/sample | vs largest |",
+        "|---:|---:|---:|---:|",
+    ]
     for n in sizes:
-        lines.append(f"| {n:,} | {med(results[n]):.3f}{spread(results[n], '{:.3f}')} | "
-                     f"{per_sample[n] * 1e6:.2f} | {per_sample[n] / largest:.2f}x |")
+        lines.append(
+            f"| {n:,} | {med(results[n]):.3f}{spread(results[n], '{:.3f}')} | "
+            f"{per_sample[n] * 1e6:.2f} | {per_sample[n] / largest:.2f}x |"
+        )
     ratios = [per_sample[n] / largest for n in sizes]
-    targets.append(("linear scaling: time per sample within ±15% across sizes",
-                    f"{min(ratios):.2f}x–{max(ratios):.2f}x of the largest",
-                    max(ratios) <= 1.15 and min(ratios) >= 0.85))
+    targets.append(
+        (
+            "linear scaling: time per sample within ±15% across sizes",
+            f"{min(ratios):.2f}x–{max(ratios):.2f}x of the largest",
+            max(ratios) <= 1.15 and min(ratios) >= 0.85,
+        )
+    )
     return lines
 
 
 def cold_section(cold, targets: list) -> list:
     res, n, batch_size = cold["results"], cold["n"], cold["batch_size"]
-    lines = [f"## cold start (fresh process per run; synthetic {n:,} rows, batch {batch_size})",
-             "", "| implementation | first epoch (s) | overhead (s) | RSS before fit (MB) | "
-             "peak RSS (MB) | peak vs jit loop |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"## cold start (fresh process per run; synthetic {n:,} rows, batch {batch_size})",
+        "",
+        "| implementation | first epoch (s) | overhead (s) | RSS before fit (MB) | "
+        "peak RSS (MB) | peak vs jit loop |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     stat = {}
     for impl, runs in res.items():
         over = med([r["first_epoch_s"] - r["epoch_s"] for r in runs])
@@ -577,19 +680,29 @@ def cold_section(cold, targets: list) -> list:
         stat[impl] = (over, peak)
     for impl, runs in res.items():
         over, peak = stat[impl]
-        lines.append(f"| {impl} | {med([r['first_epoch_s'] for r in runs]):.2f} | {over:.2f} | "
-                     f"{med([r['rss_before'] for r in runs]) / MB:.0f} | {peak / MB:.0f} | "
-                     f"{peak / stat['jit loop'][1]:.2f}x |")
+        lines.append(
+            f"| {impl} | {med([r['first_epoch_s'] for r in runs]):.2f} | {over:.2f} | "
+            f"{med([r['rss_before'] for r in runs]) / MB:.0f} | {peak / MB:.0f} | "
+            f"{peak / stat['jit loop'][1]:.2f}x |"
+        )
     if "keras" in stat:
-        targets.append(("first-epoch overhead in a fresh process <= Keras",
-                        f"{stat['hkfit'][0]:.2f} s vs {stat['keras'][0]:.2f} s",
-                        stat["hkfit"][0] <= stat["keras"][0]))
+        targets.append(
+            (
+                "first-epoch overhead in a fresh process <= Keras",
+                f"{stat['hkfit'][0]:.2f} s vs {stat['keras'][0]:.2f} s",
+                stat["hkfit"][0] <= stat["keras"][0],
+            )
+        )
     else:
         targets.append(("first-epoch overhead <= Keras", "Keras not measured", None))
-    targets.append(("peak RSS (fresh process) <= 1.1x jit loop",
-                    f"{stat['hkfit'][1] / stat['jit loop'][1]:.2f}x "
-                    f"({stat['hkfit'][1] / MB:.0f} vs {stat['jit loop'][1] / MB:.0f} MB)",
-                    stat["hkfit"][1] <= 1.1 * stat["jit loop"][1]))
+    targets.append(
+        (
+            "peak RSS (fresh process) <= 1.1x jit loop",
+            f"{stat['hkfit'][1] / stat['jit loop'][1]:.2f}x "
+            f"({stat['hkfit'][1] / MB:.0f} vs {stat['jit loop'][1] / MB:.0f} MB)",
+            stat["hkfit"][1] <= 1.1 * stat["jit loop"][1],
+        )
+    )
     return lines
 
 
@@ -597,9 +710,11 @@ def report(args, sizes, fit, inference, scaling, cold, started, elapsed, loads) 
     configs = sizes["configs"]
     keras = import_keras()
     lines = [
-        "# hkfit throughput benchmark", "",
+        "# hkfit throughput benchmark",
+        "",
         f"`python benchmarks/fit_throughput.py{' --quick' if args.quick else ''} --repeats "
-        f"{args.repeats}` on {started:%Y-%m-%d %H:%M}, {elapsed / 60:.1f} min.", "",
+        f"{args.repeats}` on {started:%Y-%m-%d %H:%M}, {elapsed / 60:.1f} min.",
+        "",
         f"- Machine: {machine()}; CPU only (`JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')}`). "
         f"Load average (1, 5, 15 min) at start {loads[0]}, at end {loads[1]}: the cores are "
         "shared, so absolute numbers are noisy; compare within a row group.",
@@ -620,12 +735,17 @@ def report(args, sizes, fit, inference, scaling, cold, started, elapsed, loads) 
         "process that generates the data and runs one implementation.",
     ]
     if keras is None:
-        lines.append(f"- Keras 3 skipped: `import keras` failed ({_KERAS['error']}). It is not an "
-                     "hkfit dependency; `pip install keras` to include it.")
+        lines.append(
+            f"- Keras 3 skipped: `import keras` failed ({_KERAS['error']}). It is not an "
+            "hkfit dependency; `pip install keras` to include it."
+        )
     targets: list = []
     lines += [""] + fit_section(configs, fit, targets)
-    for section, value in ((inference_section, inference), (scaling_section, scaling),
-                           (cold_section, cold)):
+    for section, value in (
+        (inference_section, inference),
+        (scaling_section, scaling),
+        (cold_section, cold),
+    ):
         if value:
             lines += [""] + section(value, targets)
     lines += ["", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
@@ -633,9 +753,12 @@ def report(args, sizes, fit, inference, scaling, cold, started, elapsed, loads) 
     judged = [ok for _, _, ok in targets if ok is not None]
     lines += ["", f"{sum(judged)} of {len(judged)} judged targets met."]
     if args.quick:
-        lines += ["", "This was a `--quick` smoke run (small data, one repeat, fewer "
-                  "configurations): it checks that everything runs; its numbers are not "
-                  "measurements."]
+        lines += [
+            "",
+            "This was a `--quick` smoke run (small data, one repeat, fewer "
+            "configurations): it checks that everything runs; its numbers are not "
+            "measurements.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -646,27 +769,58 @@ def plan(quick: bool) -> dict:
     """Sizes and epoch counts. The full plan takes about 6 minutes on 2 shared cores."""
     if quick:
         # Compilation dominates a smoke run: fewer configurations, not just smaller data.
-        return {"n": 2_000, "n_test": 500, "epochs": 2, "digits_epochs": 3, "b1024_epochs": 2,
-                "parts": {"digits", "b128", "inference", "scaling", "cold"},
-                "scaling": [1_000, 2_000], "scaling_epochs": 2, "cold_n": 2_000,
-                "cold_impls": ("hkfit", "jit loop"), "warm_up": False}
-    return {"n": 60_000, "n_test": 10_000, "epochs": 3, "digits_epochs": 30, "b1024_epochs": 5,
-            "parts": {"digits", "b32", "b128", "b1024", "inference", "scaling", "cold"},
-            "scaling": [15_000, 30_000, 60_000], "scaling_epochs": 3, "cold_n": 60_000,
-            "cold_impls": IMPLS, "warm_up": True}
+        return {
+            "n": 2_000,
+            "n_test": 500,
+            "epochs": 2,
+            "digits_epochs": 3,
+            "b1024_epochs": 2,
+            "parts": {"digits", "b128", "inference", "scaling", "cold"},
+            "scaling": [1_000, 2_000],
+            "scaling_epochs": 2,
+            "cold_n": 2_000,
+            "cold_impls": ("hkfit", "jit loop"),
+            "warm_up": False,
+        }
+    return {
+        "n": 60_000,
+        "n_test": 10_000,
+        "epochs": 3,
+        "digits_epochs": 30,
+        "b1024_epochs": 5,
+        "parts": {"digits", "b32", "b128", "b1024", "inference", "scaling", "cold"},
+        "scaling": [15_000, 30_000, 60_000],
+        "scaling_epochs": 3,
+        "cold_n": 60_000,
+        "cold_impls": IMPLS,
+        "warm_up": True,
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes and one repeat: a smoke check, not a measurement")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved repeats per configuration (default 3; 1 with --quick)")
-    parser.add_argument("--out", default=None,
-                        help="where to write the markdown report (default: benchmarks/RESULTS.md; "
-                             "a --quick run only prints it unless --out is given)")
-    parser.add_argument("--only", default=None,
-                        help="comma-separated parts: digits,b32,b128,b1024,inference,scaling,cold")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes and one repeat: a smoke check, not a measurement",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved repeats per configuration (default 3; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="where to write the markdown report (default: benchmarks/RESULTS.md; "
+        "a --quick run only prints it unless --out is given)",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated parts: digits,b32,b128,b1024,inference,scaling,cold",
+    )
     parser.add_argument("--probe", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--probe-n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--probe-batch", type=int, help=argparse.SUPPRESS)
@@ -706,20 +860,32 @@ def main(argv=None) -> int:
     fit = bench_fit(sizes["configs"], impls, args.repeats)
     inference = scaling = cold = None
     if keep("inference"):
-        inference = {"batch_size": 1024, "n": sizes["n"],
-                     "results": bench_inference(synth, 1024, args.repeats)}
+        inference = {
+            "batch_size": 1024,
+            "n": sizes["n"],
+            "results": bench_inference(synth, 1024, args.repeats),
+        }
     if keep("scaling"):
-        scaling = {"batch_size": 128, "results": bench_scaling(
-            synth, sizes["scaling"], 128, sizes["scaling_epochs"], args.repeats)}
+        scaling = {
+            "batch_size": 128,
+            "results": bench_scaling(
+                synth, sizes["scaling"], 128, sizes["scaling_epochs"], args.repeats
+            ),
+        }
     if keep("cold"):
         cold_impls = tuple(i for i in impls if i in sizes["cold_impls"])
-        cold = {"n": sizes["cold_n"], "batch_size": 128, "results": bench_cold(
-            cold_impls, sizes["cold_n"], 128, 2, rounds=1)}
+        cold = {
+            "n": sizes["cold_n"],
+            "batch_size": 128,
+            "results": bench_cold(cold_impls, sizes["cold_n"], 128, 2, rounds=1),
+        }
     loads.append(load_average())
-    text = report(args, sizes, fit, inference, scaling, cold, started,
-                  time.perf_counter() - clock, loads)
-    out = args.out or (None if args.quick else os.path.join(os.path.dirname(__file__),
-                                                            "RESULTS.md"))
+    text = report(
+        args, sizes, fit, inference, scaling, cold, started, time.perf_counter() - clock, loads
+    )
+    out = args.out or (
+        None if args.quick else os.path.join(os.path.dirname(__file__), "RESULTS.md")
+    )
     if out:
         with open(out, "w") as f:
             f.write(text)

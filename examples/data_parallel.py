@@ -10,17 +10,18 @@ import os
 
 # Must be set before JAX is imported: one CPU becomes 8 devices.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
-import haiku as hk  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
+import haiku as hk
+import jax
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
-import hkfit  # noqa: E402
+import hkfit
 
 
 def forward(x, is_training):
@@ -35,13 +36,19 @@ def main():
     x = (digits.data / 16.0).astype(np.float32)  # (1797, 64)
     y = digits.target.astype(np.int32)
     x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=0, stratify=y)
+        x, y, test_size=0.2, random_state=0, stratify=y
+    )
 
     strategy = hkfit.DataParallel()  # a 1-D "data" mesh over jax.devices()
     print(f"devices: {jax.device_count()} ({strategy})")
-    model = hkfit.Model(forward, loss="sparse_categorical_crossentropy",
-                        optimizer=optax.adam(3e-3), metrics=["accuracy"], seed=0,
-                        distribution=strategy)
+    model = hkfit.Model(
+        forward,
+        loss="sparse_categorical_crossentropy",
+        optimizer=optax.adam(3e-3),
+        metrics=["accuracy"],
+        seed=0,
+        distribution=strategy,
+    )
     # batch_size is the global batch: 64 rows per step, 8 on each of the 8 devices.
     model.fit(x_train, y_train, epochs=10, batch_size=64, validation_split=0.1, verbose=2)
     results = model.evaluate(x_test, y_test, verbose=0)  # exact: 360 rows, no row dropped

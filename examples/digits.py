@@ -30,10 +30,16 @@ def main():
     images = (digits.images[..., None] / 16.0).astype(np.float32)  # (1797, 8, 8, 1), channels last
     labels = digits.target.astype(np.int32)
     x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=0.2, random_state=0, stratify=labels)
+        images, labels, test_size=0.2, random_state=0, stratify=labels
+    )
 
-    model = hkfit.Model(forward, loss="sparse_categorical_crossentropy",
-                        optimizer=optax.adam(1e-3), metrics=["accuracy"], seed=0)
+    model = hkfit.Model(
+        forward,
+        loss="sparse_categorical_crossentropy",
+        optimizer=optax.adam(1e-3),
+        metrics=["accuracy"],
+        seed=0,
+    )
     model.fit(x_train, y_train, epochs=15, batch_size=64, validation_split=0.1)
     results = model.evaluate(x_test, y_test, verbose=0)
     print(f"test loss {results['loss']:.4f} - test accuracy {results['accuracy']:.4f}")

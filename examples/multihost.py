@@ -25,10 +25,13 @@ def launch() -> int:
     with socket.socket() as s:  # a free port for the coordinator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port)], env=env)
-             for i in range(NUM_PROCESSES)]
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, __file__, str(i), str(port)], env=env)
+        for i in range(NUM_PROCESSES)
+    ]
     try:
         codes = [p.wait(timeout=300) for p in procs]
     finally:
@@ -59,24 +62,35 @@ def worker(process_id: int, port: int) -> None:
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int32)
     x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=0, stratify=y)
+        x, y, test_size=0.2, random_state=0, stratify=y
+    )
     # This process's shard: every process must hold the same number of rows.
     shard = len(x_train) // NUM_PROCESSES
     mine = slice(process_id * shard, (process_id + 1) * shard)
     x_mine, y_mine = x_train[mine], y_train[mine]
-    mine_test = slice(process_id * (len(x_test) // NUM_PROCESSES),
-                      (process_id + 1) * (len(x_test) // NUM_PROCESSES))
+    mine_test = slice(
+        process_id * (len(x_test) // NUM_PROCESSES),
+        (process_id + 1) * (len(x_test) // NUM_PROCESSES),
+    )
 
-    model = hkfit.Model(forward, loss="sparse_categorical_crossentropy",
-                        optimizer=optax.adam(3e-3), metrics=["accuracy"], seed=0,
-                        distribution=hkfit.DataParallel())
+    model = hkfit.Model(
+        forward,
+        loss="sparse_categorical_crossentropy",
+        optimizer=optax.adam(3e-3),
+        metrics=["accuracy"],
+        seed=0,
+        distribution=hkfit.DataParallel(),
+    )
     # batch_size is global: 64 = 32 rows from each of the 2 processes.
     model.fit(x_mine, y_mine, epochs=8, batch_size=64, verbose=2)  # only process 0 prints
     # Metrics are global: over both processes' test shards together.
     results = model.evaluate(x_test[mine_test], y_test[mine_test], verbose=0)
     if hkfit.distributed.is_main_process():
-        print(f"processes: {jax.process_count()}, devices: {jax.device_count()}, "
-              f"test accuracy {results['accuracy']:.4f}", flush=True)
+        print(
+            f"processes: {jax.process_count()}, devices: {jax.device_count()}, "
+            f"test accuracy {results['accuracy']:.4f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

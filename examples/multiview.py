@@ -48,9 +48,13 @@ def main():
     x_train, y_train = make_data(512, rng, patterns)
     x_test, y_test = make_data(128, rng, patterns)
 
-    model = hkfit.Model(hkfit.multiview(cnn, axis=-1, pool="max"),
-                        loss="sparse_categorical_crossentropy", optimizer=optax.adam(3e-3),
-                        metrics=["accuracy"], seed=0)
+    model = hkfit.Model(
+        hkfit.multiview(cnn, axis=-1, pool="max"),
+        loss="sparse_categorical_crossentropy",
+        optimizer=optax.adam(3e-3),
+        metrics=["accuracy"],
+        seed=0,
+    )
     model.fit(x_train, y_train, epochs=8, batch_size=64, verbose=2)
     print("test:", model.evaluate(x_test, y_test, verbose=0))
 
@@ -64,8 +68,12 @@ def main():
     single.init(x_test[:1, ..., 0])
     single.params = model.params
     per_view = single.vmap(in_axes=-1, out_axes=-1).predict(x_test)
-    print("per-view logits:", per_view.shape,
-          "max over views == model output:", np.allclose(per_view.max(-1), logits, atol=1e-5))
+    print(
+        "per-view logits:",
+        per_view.shape,
+        "max over views == model output:",
+        np.allclose(per_view.max(-1), logits, atol=1e-5),
+    )
 
     # The model is a pure function: d(logits) / d(input) for one example.
     jacobian = jax.jacrev(model.apply_fn, argnums=2)(model.params, model.state, x_test[:1])

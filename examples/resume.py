@@ -44,13 +44,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backup_dir", nargs="?", default=os.path.join("runs", "resume_example"))
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--crash-after-epoch", type=int, default=None,
-                        help="exit abruptly in the epoch after this one (to try resuming)")
+    parser.add_argument(
+        "--crash-after-epoch",
+        type=int,
+        default=None,
+        help="exit abruptly in the epoch after this one (to try resuming)",
+    )
     args = parser.parse_args()
 
     x, y = make_data()
-    model = hkfit.Model(forward, loss="sparse_categorical_crossentropy", optimizer="adam",
-                        metrics=["accuracy"], seed=0)
+    model = hkfit.Model(
+        forward,
+        loss="sparse_categorical_crossentropy",
+        optimizer="adam",
+        metrics=["accuracy"],
+        seed=0,
+    )
     backup = callbacks.BackupAndRestore(args.backup_dir)
 
     def announce(epoch, logs):
@@ -60,20 +69,30 @@ def main() -> None:
 
     def maybe_crash(batch, logs):
         if args.crash_after_epoch is not None and model.epoch >= args.crash_after_epoch:
-            print(f"Simulated crash during epoch {model.epoch + 1}. Run the command again to "
-                  "resume.", flush=True)
+            print(
+                f"Simulated crash during epoch {model.epoch + 1}. Run the command again to resume.",
+                flush=True,
+            )
             os._exit(1)
 
     history = model.fit(
-        x, y, epochs=args.epochs, batch_size=32, validation_split=0.2, verbose=2,
+        x,
+        y,
+        epochs=args.epochs,
+        batch_size=32,
+        validation_split=0.2,
+        verbose=2,
         callbacks=[
             callbacks.LambdaCallback(on_epoch_begin=announce),
             callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.9),
             backup,  # last, so its backup includes every other callback's changes
             callbacks.LambdaCallback(on_train_batch_end=maybe_crash),
-        ])
-    print(f"Done: {len(history.epoch)} epochs, final val_accuracy "
-          f"{history.history['val_accuracy'][-1]:.3f}.")
+        ],
+    )
+    print(
+        f"Done: {len(history.epoch)} epochs, final val_accuracy "
+        f"{history.history['val_accuracy'][-1]:.3f}."
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ choice for deep residual stacks. Run with:
 """
 
 import functools
-from typing import Optional
 
 import chex
 import haiku as hk
@@ -29,8 +28,7 @@ FEATURES = 8
 class GatedResidualBlock(hk.Module):
     """Pre-norm MLP block whose update is scaled by a learned sigmoid gate."""
 
-    def __init__(self, hidden_size: int, dropout_rate: float = 0.1,
-                 name: Optional[str] = None):
+    def __init__(self, hidden_size: int, dropout_rate: float = 0.1, name: str | None = None):
         super().__init__(name=name)
         self.hidden_size = hidden_size
         self.dropout_rate = dropout_rate
@@ -52,7 +50,6 @@ def forward(x, is_training):
 
 # unittest style: LayerTestCase is a chex.TestCase with layer assertions.
 class GatedResidualBlockTest(LayerTestCase):
-
     def setUp(self):
         super().setUp()
         self.x = jax.random.normal(jax.random.PRNGKey(1), (4, FEATURES))
@@ -61,8 +58,9 @@ class GatedResidualBlockTest(LayerTestCase):
 
     def test_block_is_a_well_formed_layer(self):
         # One call checks every property, in eval mode and in train mode.
-        report = self.assertLayer(forward, self.x, output_shape=(None, FEATURES),
-                                  output_dtype=jnp.float32)
+        report = self.assertLayer(
+            forward, self.x, output_shape=(None, FEATURES), output_dtype=jnp.float32
+        )
         print(report)  # Shown with `pytest -s`.
         self.assertIn("batch_independent[is_training=False]", report.checked)
         # Dropout draws random numbers in training, so rows are not compared there.
@@ -98,6 +96,9 @@ class GatedResidualBlockTest(LayerTestCase):
 # pytest style: plain functions work too.
 def test_wrong_expected_width_is_reported():
     x = jnp.ones((4, FEATURES))
-    with pytest.raises(AssertionError, match=r"output_shape\[is_training=False\] failed: "
-                       r"output has shape \(4, 8\), expected \(None, 9\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"output_shape\[is_training=False\] failed: "
+        r"output has shape \(4, 8\), expected \(None, 9\)",
+    ):
         check_layer(forward, x, output_shape=(None, FEATURES + 1))

@@ -7,7 +7,8 @@ batch_size=0.``
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +32,19 @@ def to_key(seed: Any) -> jax.Array:
             return seed
         if seed.dtype == jnp.uint32 and seed.shape == (2,):
             return jax.random.wrap_key_data(seed)
-    raise TypeError("Expected `seed` to be an int or a JAX PRNG key. "
-                    f"Received: seed={seed!r} of type {type(seed).__name__}.")
+    raise TypeError(
+        "Expected `seed` to be an int or a JAX PRNG key. "
+        f"Received: seed={seed!r} of type {type(seed).__name__}."
+    )
 
 
 def metric_specs(metrics: Any) -> list:
     """``metrics`` as a list, every name checked now (fail fast)."""
     if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Iterable):
-        raise TypeError("Expected `metrics` to be a list of names, callables or metric "
-                        f"objects. Received: metrics={metrics!r}.")
+        raise TypeError(
+            "Expected `metrics` to be a list of names, callables or metric "
+            f"objects. Received: metrics={metrics!r}."
+        )
     specs = list(metrics)
     for spec in specs:
         metrics_lib.get(spec)
@@ -54,12 +59,15 @@ def validation_epochs(validation_freq: Any) -> Callable[[int], bool]:
     if isinstance(validation_freq, (list, tuple, set, range)):
         wanted = frozenset(int(e) for e in validation_freq)
         return lambda e: e in wanted
-    raise TypeError("Expected `validation_freq` to be an int or a list of 1-based epochs. "
-                    f"Received: validation_freq={validation_freq!r}.")
+    raise TypeError(
+        "Expected `validation_freq` to be an int or a list of 1-based epochs. "
+        f"Received: validation_freq={validation_freq!r}."
+    )
 
 
 class FitArgs(NamedTuple):
     """The checked scalar arguments of ``fit``."""
+
     batch_size: int
     epochs: int
     verbose: int
@@ -71,35 +79,61 @@ class FitArgs(NamedTuple):
     steps_per_execution: Any
 
 
-def fit_args(*, batch_size: Any, epochs: Any, verbose: Any, initial_epoch: Any,
-             steps_per_epoch: Any, validation_split: Any, validation_batch_size: Any,
-             validation_freq: Any, steps_per_execution: Any) -> FitArgs:
+def fit_args(
+    *,
+    batch_size: Any,
+    epochs: Any,
+    verbose: Any,
+    initial_epoch: Any,
+    steps_per_epoch: Any,
+    validation_split: Any,
+    validation_batch_size: Any,
+    validation_freq: Any,
+    steps_per_execution: Any,
+) -> FitArgs:
     """Checks ``fit``'s scalar arguments before any data is touched."""
     batch_size = positive_int(batch_size, "batch_size")
     epochs = positive_int(epochs, "epochs", 0)
     initial_epoch = positive_int(initial_epoch, "initial_epoch", 0)
     if epochs < initial_epoch:
-        raise ValueError(f"Expected `epochs` >= `initial_epoch` (epochs is the epoch count "
-                         f"to reach). Received: epochs={epochs}, initial_epoch={initial_epoch}.")
+        raise ValueError(
+            f"Expected `epochs` >= `initial_epoch` (epochs is the epoch count "
+            f"to reach). Received: epochs={epochs}, initial_epoch={initial_epoch}."
+        )
     if steps_per_epoch is not None:
         steps_per_epoch = positive_int(steps_per_epoch, "steps_per_epoch")
-    if (isinstance(validation_split, bool) or not isinstance(validation_split, (int, float))
-            or not 0 <= validation_split < 1):
-        raise ValueError("Expected `validation_split` in [0, 1). "
-                         f"Received: validation_split={validation_split!r}.")
-    validation_batch_size = positive_int(validation_batch_size or batch_size,
-                                         "validation_batch_size")
+    if (
+        isinstance(validation_split, bool)
+        or not isinstance(validation_split, (int, float))
+        or not 0 <= validation_split < 1
+    ):
+        raise ValueError(
+            "Expected `validation_split` in [0, 1). "
+            f"Received: validation_split={validation_split!r}."
+        )
+    validation_batch_size = positive_int(
+        validation_batch_size or batch_size, "validation_batch_size"
+    )
     check_steps_per_execution(steps_per_execution)
-    return FitArgs(batch_size, epochs, resolve_verbose(verbose), initial_epoch, steps_per_epoch,
-                   float(validation_split), validation_batch_size,
-                   validation_epochs(validation_freq), steps_per_execution)
+    return FitArgs(
+        batch_size,
+        epochs,
+        resolve_verbose(verbose),
+        initial_epoch,
+        steps_per_epoch,
+        float(validation_split),
+        validation_batch_size,
+        validation_epochs(validation_freq),
+        steps_per_execution,
+    )
 
 
 def signature(tree: Any) -> tuple:
     """The structure, per-row shapes and dtypes of a batch (what a compile depends on)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((tuple(np.shape(a)[1:]), str(getattr(a, "dtype", type(a))))
-                          for a in leaves)
+    return treedef, tuple(
+        (tuple(np.shape(a)[1:]), str(getattr(a, "dtype", type(a)))) for a in leaves
+    )
 
 
 def count(tree: Any) -> int:
@@ -119,22 +153,30 @@ def is_iterable_input(x: Any, y: Any) -> bool:
         return True
     # a list of (x, y[, w]) pairs is a list of batches, whatever y says
     return isinstance(x, list) and all(
-        isinstance(item, tuple) and len(item) in (2, 3) for item in x)
+        isinstance(item, tuple) and len(item) in (2, 3) for item in x
+    )
 
 
-def check_iterable_args(y: Any, sample_weight: Any, class_weight: Any,
-                        validation_split: float) -> None:
+def check_iterable_args(
+    y: Any, sample_weight: Any, class_weight: Any, validation_split: float
+) -> None:
     """Arguments that only arrays take, refused for an iterable ``x``."""
     if y is not None:
-        raise ValueError("Expected `y=None` with an iterable `x`: an iterable carries its "
-                         "own targets, yielding (x, y) or (x, y, sample_weight) batches. "
-                         f"Received: y of type {type(y).__name__}.")
+        raise ValueError(
+            "Expected `y=None` with an iterable `x`: an iterable carries its "
+            "own targets, yielding (x, y) or (x, y, sample_weight) batches. "
+            f"Received: y of type {type(y).__name__}."
+        )
     if validation_split:
-        raise ValueError("`validation_split` needs array inputs; with an iterable `x` pass "
-                         f"`validation_data` instead. Received: validation_split={validation_split}.")
+        raise ValueError(
+            "`validation_split` needs array inputs; with an iterable `x` pass "
+            f"`validation_data` instead. Received: validation_split={validation_split}."
+        )
     if class_weight is not None or sample_weight is not None:
-        raise ValueError("`class_weight` and `sample_weight` need array inputs; an iterable "
-                         "`x` yields (x, y, sample_weight) batches instead.")
+        raise ValueError(
+            "`class_weight` and `sample_weight` need array inputs; an iterable "
+            "`x` yields (x, y, sample_weight) batches instead."
+        )
 
 
 __all__: Sequence[str] = ()

@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,8 +22,9 @@ from jax.sharding import Mesh
 _AXIS_TYPE = getattr(jax.sharding, "AxisType", None)
 
 
-def make_mesh(shape: Sequence[int], names: Sequence[str],
-              devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+    shape: Sequence[int], names: Sequence[str], devices: Sequence[Any] | None = None
+) -> Mesh:
     """A mesh of ``shape`` with axis ``names`` over ``devices`` (default: all), Auto axes."""
     devices = list(jax.devices() if devices is None else devices)
     shape, names = tuple(int(s) for s in shape), tuple(names)
@@ -64,7 +66,9 @@ def run_compiled_once(fn: Callable, *args: Any) -> Any:
         return jitted(*args)
     lowered = jitted.lower(*args)  # traces fn once; its errors propagate from here
     try:
-        compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+        # JAX annotates the values as str | bool; XLA takes this option as an int.
+        options = {"xla_backend_optimization_level": 0}
+        compiled = lowered.compile(compiler_options=options)  # type: ignore[arg-type]
     except (TypeError, RuntimeError):  # a JAX without that option: compile normally
         compiled = lowered.compile()
     return compiled(*args)

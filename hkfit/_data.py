@@ -10,7 +10,8 @@ batches that are moved to the device two batches ahead of the step that uses the
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +20,22 @@ import numpy as np
 PyTree = Any
 
 # What a 64-bit host dtype becomes on a device while `jax_enable_x64` is off.
-_NARROW_DTYPES = {np.dtype(wide): np.dtype(narrow) for wide, narrow in (
-    (np.float64, np.float32), (np.int64, np.int32), (np.uint64, np.uint32),
-    (np.complex128, np.complex64))}
+_NARROW_DTYPES = {
+    np.dtype(wide): np.dtype(narrow)
+    for wide, narrow in (
+        (np.float64, np.float32),
+        (np.int64, np.int32),
+        (np.uint64, np.uint32),
+        (np.complex128, np.complex64),
+    )
+}
 
 
 def is_array(value: Any) -> bool:
     """True for numpy/JAX arrays (anything with a shape and a dtype)."""
     return isinstance(value, (np.ndarray, jax.Array)) or (
-        hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__array__"))
+        hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__array__")
+    )
 
 
 def is_array_tree(value: Any) -> bool:
@@ -55,20 +63,25 @@ def num_rows(tree: PyTree, name: str) -> int:
         shape = np.shape(leaf)
         where = f"{name}{jax.tree_util.keystr(path)}"
         if not shape:
-            raise ValueError(f"Expected every array in `{name}` to have a batch axis. "
-                             f"Received: a scalar at {where}.")
+            raise ValueError(
+                f"Expected every array in `{name}` to have a batch axis. "
+                f"Received: a scalar at {where}."
+            )
         lengths[where] = shape[0]
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"Expected every array in `{name}` to have the same number of rows. "
-                         f"Received: {', '.join(f'{k}: {v}' for k, v in lengths.items())}.")
+        raise ValueError(
+            f"Expected every array in `{name}` to have the same number of rows. "
+            f"Received: {', '.join(f'{k}: {v}' for k, v in lengths.items())}."
+        )
     return next(iter(lengths.values()))
 
 
 def positive_int(value: Any, name: str, minimum: int = 1) -> int:
     """``value`` as an int, or ValueError naming ``name`` if it is not an int >= ``minimum``."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}. "
-                         f"Received: {name}={value!r}.")
+        raise ValueError(
+            f"Expected `{name}` to be an int >= {minimum}. Received: {name}={value!r}."
+        )
     return int(value)
 
 
@@ -83,8 +96,10 @@ def checked_arrays(x: PyTree, y: PyTree, check_inputs: bool = True) -> tuple[PyT
     x, y = to_numpy(x, "x"), to_numpy(y, "y")
     n, n_y = num_rows(x, "x"), num_rows(y, "y")
     if n != n_y:
-        raise ValueError("Expected `x` and `y` to have the same number of rows. Received: "
-                         f"x has {n} rows, y has {n_y}.")
+        raise ValueError(
+            "Expected `x` and `y` to have the same number of rows. Received: "
+            f"x has {n} rows, y has {n_y}."
+        )
     if n == 0:
         raise ValueError("Expected a non-empty dataset. Received: x and y with 0 rows.")
     if check_inputs:
@@ -122,7 +137,7 @@ def to_device_dtypes(tree: PyTree, name: str = "x") -> PyTree:
     >>> to_device_dtypes({"a": np.zeros(2), "b": np.arange(2)})["b"].dtype
     dtype('int32')
     """
-    if jax.config.jax_enable_x64:
+    if jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # set dynamically by JAX
         return tree
 
     def narrow(path, leaf):
@@ -139,7 +154,8 @@ def to_device_dtypes(tree: PyTree, name: str = "x") -> PyTree:
                     f"Expected the integers in `{where}` to fit in {narrow_dtype} (JAX's "
                     f"integer type while jax_enable_x64 is off). Received: values from {low} "
                     f"to {high}. Enable 64-bit types with jax.config.update('jax_enable_x64', "
-                    "True), or re-encode the values (e.g. as indices from 0).")
+                    "True), or re-encode the values (e.g. as indices from 0)."
+                )
         return leaf.astype(narrow_dtype)
 
     return jax.tree_util.tree_map_with_path(narrow, tree, is_leaf=is_array)
@@ -171,7 +187,8 @@ def check_finite(tree: PyTree, name: str) -> None:
             raise ValueError(
                 f"Expected finite values in `{name}`. Received: {leaf[tuple(first)]} at "
                 f"{name}{jax.tree_util.keystr(path)}[{', '.join(map(str, first))}]. "
-                "Clean the data, or pass check_inputs=False to skip this check.")
+                "Clean the data, or pass check_inputs=False to skip this check."
+            )
 
 
 def check_input_spec(x: PyTree, spec: PyTree, name: str = "x") -> None:
@@ -198,23 +215,29 @@ def check_input_spec(x: PyTree, spec: PyTree, name: str = "x") -> None:
     """
     x_leaves, x_def = jax.tree_util.tree_flatten_with_path(x, is_leaf=is_array)
     spec_leaves, spec_def = jax.tree_util.tree_flatten(spec)
-    if x_def != spec_def:
-        raise ValueError(f"Expected `{name}` with the structure the model was built on: "
-                         f"{spec_def}. Received: {name} with structure {x_def}. Pass inputs "
-                         "with the same keys and nesting as the first batch.")
+    if x_def != spec_def:  # type: ignore[operator]  # PyTreeDef: no jaxlib stub
+        raise ValueError(
+            f"Expected `{name}` with the structure the model was built on: "
+            f"{spec_def}. Received: {name} with structure {x_def}. Pass inputs "
+            "with the same keys and nesting as the first batch."
+        )
     for (path, leaf), expected in zip(x_leaves, spec_leaves):
         shape, row = tuple(np.shape(leaf)), tuple(expected.shape[1:])
         if len(shape) == len(expected.shape) and shape[1:] == row:
             continue
         where = f"{name}{jax.tree_util.keystr(path)}"
         if shape == row:
-            fix = (" It looks like one example without its batch axis: pass "
-                   f"{where}[None] (or np.expand_dims({where}, 0)).")
+            fix = (
+                " It looks like one example without its batch axis: pass "
+                f"{where}[None] (or np.expand_dims({where}, 0))."
+            )
         else:
             fix = " Pass rows shaped like the ones the model was built on."
-        raise ValueError(f"Expected `{where}` with rows of shape {row} (the model was built on "
-                         f"inputs of shape {(None, *row)}). Received: {where} of shape "
-                         f"{shape}.{fix}")
+        raise ValueError(
+            f"Expected `{where}` with rows of shape {row} (the model was built on "
+            f"inputs of shape {(None, *row)}). Received: {where} of shape "
+            f"{shape}.{fix}"
+        )
 
 
 def take_rows(tree: PyTree, start: int | None, stop: int | None) -> PyTree:
@@ -224,14 +247,21 @@ def take_rows(tree: PyTree, start: int | None, stop: int | None) -> PyTree:
 def _class_weight_table(class_weight: Any) -> dict[int, float]:
     """``class_weight`` as ``{class index: weight}``, checked."""
     if not isinstance(class_weight, Mapping):
-        raise TypeError("Expected `class_weight` to be a dict {class index: weight}. "
-                        f"Received: {type(class_weight).__name__}.")
-    bad_keys = [key for key in class_weight if isinstance(key, bool)
-                or not isinstance(key, (int, np.integer)) or key < 0]
+        raise TypeError(
+            "Expected `class_weight` to be a dict {class index: weight}. "
+            f"Received: {type(class_weight).__name__}."
+        )
+    bad_keys = [
+        key
+        for key in class_weight
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0
+    ]
     if bad_keys:
-        raise ValueError("Expected `class_weight` keys to be non-negative integer class "
-                         f"indices. Received: class_weight keys {bad_keys!r}. Map each class "
-                         "index to its weight, e.g. {0: 1.0, 1: 5.0}.")
+        raise ValueError(
+            "Expected `class_weight` keys to be non-negative integer class "
+            f"indices. Received: class_weight keys {bad_keys!r}. Map each class "
+            "index to its weight, e.g. {0: 1.0, 1: 5.0}."
+        )
     table, bad = {}, {}
     for cls, weight in class_weight.items():
         try:
@@ -242,36 +272,49 @@ def _class_weight_table(class_weight: Any) -> dict[int, float]:
             bad[cls] = weight
         table[int(cls)] = value
     if bad:
-        raise ValueError("Expected `class_weight` values to be finite numbers >= 0. "
-                         f"Received: class_weight items {bad!r}. Give every class a "
-                         "finite, non-negative weight.")
+        raise ValueError(
+            "Expected `class_weight` values to be finite numbers >= 0. "
+            f"Received: class_weight items {bad!r}. Give every class a "
+            "finite, non-negative weight."
+        )
     return table
 
 
 def _class_labels(y: np.ndarray) -> np.ndarray:
     """The class index of every row of integer labels ``[n]``/``[n, 1]`` or one-hot ``y``."""
-    fix = ("`class_weight` needs integer class labels [n] or one-hot labels [n, classes]; "
-           "for other targets, pass per-row weights as `sample_weight` instead.")
-    numeric = y.dtype == bool or jnp.issubdtype(y.dtype, jnp.integer) or jnp.issubdtype(
-        y.dtype, jnp.floating)
+    fix = (
+        "`class_weight` needs integer class labels [n] or one-hot labels [n, classes]; "
+        "for other targets, pass per-row weights as `sample_weight` instead."
+    )
+    numeric = (
+        y.dtype == bool
+        or jnp.issubdtype(y.dtype, jnp.integer)
+        or jnp.issubdtype(y.dtype, jnp.floating)
+    )
     if not numeric or y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[1] == 0):
-        raise ValueError(f"Expected `class_weight` with class labels. Received: y of shape "
-                         f"{y.shape} and dtype {y.dtype}. {fix}")
+        raise ValueError(
+            f"Expected `class_weight` with class labels. Received: y of shape "
+            f"{y.shape} and dtype {y.dtype}. {fix}"
+        )
     values = y.astype(np.float64)
     if y.ndim == 2 and y.shape[1] > 1:
         not_one_hot = ~(((values == 0) | (values == 1)).all(axis=1) & (values.sum(axis=1) == 1))
         if not_one_hot.any():
             row = int(np.argmax(not_one_hot))
-            raise ValueError(f"Expected `class_weight` with one-hot labels. Received: y of "
-                             f"shape {y.shape} whose row {row} is not one-hot: "
-                             f"{values[row].tolist()}. {fix}")
+            raise ValueError(
+                f"Expected `class_weight` with one-hot labels. Received: y of "
+                f"shape {y.shape} whose row {row} is not one-hot: "
+                f"{values[row].tolist()}. {fix}"
+            )
         return np.argmax(values, axis=1)
     values = values.reshape(len(y))
     bad = ~(np.isfinite(values) & (values == np.round(values)) & (values >= 0))
     if bad.any():
         row = int(np.argmax(bad))
-        raise ValueError(f"Expected `class_weight` with non-negative integer labels. Received: "
-                         f"y[{row}]={y.reshape(len(y))[row]}. {fix}")
+        raise ValueError(
+            f"Expected `class_weight` with non-negative integer labels. Received: "
+            f"y[{row}]={y.reshape(len(y))[row]}. {fix}"
+        )
     return values.astype(np.int64)
 
 
@@ -302,8 +345,10 @@ def class_weights_for(y: np.ndarray, class_weight: Mapping[int, float]) -> np.nd
     present = set(np.unique(labels).tolist())
     absent = sorted(c for c in table if c not in present)
     if absent:
-        raise ValueError(f"Expected `class_weight` to name classes that occur in `y` "
-                         f"({sorted(present)}). Received weights for absent classes {absent}.")
+        raise ValueError(
+            f"Expected `class_weight` to name classes that occur in `y` "
+            f"({sorted(present)}). Received weights for absent classes {absent}."
+        )
     weights = np.ones(max(present | set(table), default=-1) + 1, np.float32)
     for cls, weight in table.items():
         weights[cls] = weight
@@ -316,22 +361,35 @@ def row_weights(n: int, y: PyTree, sample_weight: Any, class_weight: Mapping | N
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, np.float32)
         if sample_weight.shape != (n,):
-            raise ValueError(f"Expected `sample_weight` of shape ({n},), one weight per row. "
-                             f"Received: shape {sample_weight.shape}.")
+            raise ValueError(
+                f"Expected `sample_weight` of shape ({n},), one weight per row. "
+                f"Received: shape {sample_weight.shape}."
+            )
         if (sample_weight < 0).any() or not np.isfinite(sample_weight).all():
-            raise ValueError("Expected `sample_weight` to hold finite values >= 0. "
-                             f"Received: min={sample_weight.min()}.")
+            raise ValueError(
+                "Expected `sample_weight` to hold finite values >= 0. "
+                f"Received: min={sample_weight.min()}."
+            )
         weights = weights * sample_weight
     if class_weight is not None:
         if not is_array(y):
-            raise ValueError("`class_weight` needs `y` to be one array of class labels. "
-                             f"Received: y of type {type(y).__name__}.")
+            raise ValueError(
+                "`class_weight` needs `y` to be one array of class labels. "
+                f"Received: y of type {type(y).__name__}."
+            )
         weights = weights * class_weights_for(y, class_weight)
     return weights
 
 
-def epoch_order(key: jax.Array, epoch: int, *, num_rows: int, batch_size: int, shuffle: bool,
-                pad_tail: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def epoch_order(
+    key: jax.Array,
+    epoch: int,
+    *,
+    num_rows: int,
+    batch_size: int,
+    shuffle: bool,
+    pad_tail: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The epoch's row order as full batches ``[num_batches, batch_size]`` and a tail.
 
     The order is a function of ``(key, epoch)`` only, so a resumed run sees the same
@@ -351,7 +409,7 @@ def epoch_order(key: jax.Array, epoch: int, *, num_rows: int, batch_size: int, s
     tail = order[None, cut:] if cut < num_rows else None
     if pad_tail and tail is not None:
         padded = np.full((1, batch_size), num_rows, np.int32)
-        padded[0, :tail.shape[1]] = tail[0]
+        padded[0, : tail.shape[1]] = tail[0]
         full, tail = np.concatenate([full, padded]), None
     if len(full) == 0:  # a placeholder row keeps the fused loop's shapes valid
         full = np.zeros((1, batch_size), np.int32)
@@ -367,9 +425,11 @@ def split_batch(batch: Any) -> tuple[PyTree, PyTree, Any]:
         x, y = batch[0], batch[1]
         w = batch[2] if len(batch) == 3 else None
         return x, y, w
-    raise ValueError("Expected each batch of an iterable `x` to be a tuple (x, y) or "
-                     f"(x, y, sample_weight). Received: {type(batch).__name__}"
-                     f"{f' of length {len(batch)}' if hasattr(batch, '__len__') else ''}.")
+    raise ValueError(
+        "Expected each batch of an iterable `x` to be a tuple (x, y) or "
+        f"(x, y, sample_weight). Received: {type(batch).__name__}"
+        f"{f' of length {len(batch)}' if hasattr(batch, '__len__') else ''}."
+    )
 
 
 class Prefetcher:
@@ -411,8 +471,10 @@ def device_batch(batch: Any, sharding=None):
     x, y = to_numpy(x, "x"), to_numpy(y, "y")
     n = num_rows(x, "x")
     if y is not None and num_rows(y, "y") != n:
-        raise ValueError(f"Expected `x` and `y` of a batch to have the same number of rows. "
-                         f"Received: {n} and {num_rows(y, 'y')}.")
+        raise ValueError(
+            f"Expected `x` and `y` of a batch to have the same number of rows. "
+            f"Received: {n} and {num_rows(y, 'y')}."
+        )
     w = np.ones(n, np.float32) if w is None else np.asarray(w, np.float32).reshape(n)
     return jax.device_put((x, y, w), sharding)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from hkfit.callbacks.base import CallbackList
 
@@ -27,6 +28,7 @@ REFRESH_SECONDS = 0.5
 
 class Mode(NamedTuple):
     """The hook names of one kind of run."""
+
     begin: str
     end: str
     batch_begin: str
@@ -35,8 +37,9 @@ class Mode(NamedTuple):
 
 TRAIN = Mode("on_train_begin", "on_train_end", "on_train_batch_begin", "on_train_batch_end")
 TEST = Mode("on_test_begin", "on_test_end", "on_test_batch_begin", "on_test_batch_end")
-PREDICT = Mode("on_predict_begin", "on_predict_end", "on_predict_batch_begin",
-               "on_predict_batch_end")
+PREDICT = Mode(
+    "on_predict_begin", "on_predict_end", "on_predict_batch_begin", "on_predict_batch_end"
+)
 
 
 def steps_per_execution_for(callbacks: CallbackList, mode: Mode, requested: Any) -> Any:
@@ -46,8 +49,9 @@ def steps_per_execution_for(callbacks: CallbackList, mode: Mode, requested: Any)
     integer ``save_freq``) then sees every batch, as it would in Keras. An explicit int
     stays the user's choice.
     """
-    if requested == "auto" and (callbacks.wants_batch_logs(mode.batch_begin)
-                                or callbacks.wants_batch_logs(mode.batch_end)):
+    if requested == "auto" and (
+        callbacks.wants_batch_logs(mode.batch_begin) or callbacks.wants_batch_logs(mode.batch_end)
+    ):
         return 1
     return requested
 
@@ -69,12 +73,19 @@ class Executor:
         state, so a callback may change parameters or the learning rate there).
     """
 
-    def __init__(self, callbacks: CallbackList, mode: Mode, pacer: Any, *,
-                 read_logs: Callable[[Any], dict] | None = None,
-                 commit: Callable[[Any], None] | None = None,
-                 should_stop: Callable[[], bool] = lambda: False, progress: bool = False,
-                 logs_of: Callable[[Any], Any] = lambda carry: carry,
-                 load: Callable[[Any], Any] | None = None):
+    def __init__(
+        self,
+        callbacks: CallbackList,
+        mode: Mode,
+        pacer: Any,
+        *,
+        read_logs: Callable[[Any], dict] | None = None,
+        commit: Callable[[Any], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: bool = False,
+        logs_of: Callable[[Any], Any] = lambda carry: carry,
+        load: Callable[[Any], Any] | None = None,
+    ):
         self.callbacks, self.mode, self.pacer = callbacks, mode, pacer
         self.read_logs, self.commit, self.should_stop = read_logs, commit, should_stop
         self.logs_of, self.load = logs_of, load
@@ -88,7 +99,8 @@ class Executor:
             return {"outputs": segment.outputs(carry, start, count)} if self.every_batch else {}
         now = time.perf_counter()
         if self.read_logs is not None and (
-                self.every_batch or (self.progress and now - self._last_read >= REFRESH_SECONDS)):
+            self.every_batch or (self.progress and now - self._last_read >= REFRESH_SECONDS)
+        ):
             self._last_read = now
             return self.read_logs(self.logs_of(carry))
         return {}
@@ -119,16 +131,22 @@ class Executor:
 
 
 def warn_no_validation(epoch: int) -> None:
-    warnings.warn(f"The validation data yielded no batch in epoch {epoch + 1} (a one-shot "
-                  "iterator is used up after one pass); this epoch's logs have no `val_*` "
-                  "values. Pass arrays, a re-iterable source (a list, a Dataset), or a "
-                  "generator factory's fresh iterator every epoch.", stacklevel=4)
+    warnings.warn(
+        f"The validation data yielded no batch in epoch {epoch + 1} (a one-shot "
+        "iterator is used up after one pass); this epoch's logs have no `val_*` "
+        "values. Pass arrays, a re-iterable source (a list, a Dataset), or a "
+        "generator factory's fresh iterator every epoch.",
+        stacklevel=4,
+    )
 
 
 def warn_out_of_data(epoch: int) -> None:
-    warnings.warn(f"The data ran out before epoch {epoch + 1} could start; training stops "
-                  "here. Pass a re-iterable source, or set `steps_per_epoch` and make the "
-                  "iterable yield enough batches for all epochs.", stacklevel=4)
+    warnings.warn(
+        f"The data ran out before epoch {epoch + 1} could start; training stops "
+        "here. Pass a re-iterable source, or set `steps_per_epoch` and make the "
+        "iterable yield enough batches for all epochs.",
+        stacklevel=4,
+    )
 
 
 class FitPlan(NamedTuple):
@@ -147,6 +165,7 @@ class FitPlan(NamedTuple):
       should_stop: () -> whether a callback asked to stop.
       exhausted: () -> whether the training data ran out for good.
     """
+
     callbacks: CallbackList
     epochs: int
     initial_epoch: Callable[[], int]
@@ -187,9 +206,14 @@ def fit(plan: FitPlan) -> dict:
     return epoch_logs
 
 
-def evaluate(callbacks: CallbackList, executor: Executor, segments: Iterable[Any],
-             empty_logs: Callable[[], Any], read_logs: Callable[[Any], dict],
-             hooks: bool = True) -> dict | None:
+def evaluate(
+    callbacks: CallbackList,
+    executor: Executor,
+    segments: Iterable[Any],
+    empty_logs: Callable[[], Any],
+    read_logs: Callable[[Any], dict],
+    hooks: bool = True,
+) -> dict | None:
     """One evaluation run; None when it saw no batch. Fires the test hooks."""
     if hooks:
         callbacks.on_test_begin({})

@@ -23,7 +23,8 @@ zero-weight-padded last batch trains exactly like the short one and joins the fu
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ class Segment(NamedTuple):
         batch compiles on first use, so it is not).
       outputs: for prediction, ``(carry, start, count) -> outputs`` of those batches.
     """
+
     first: int
     num_batches: int
     run: Callable[[Any, int, int], Any]
@@ -66,9 +68,11 @@ def split_validation(data: Batch, fraction: float) -> tuple[Batch, Batch]:
     n = data_lib.num_rows(data.x, "x")
     split_at = int(n * (1 - fraction))
     if split_at in (0, n):
-        raise ValueError(f"`validation_split`={fraction} leaves {split_at} training and "
-                         f"{n - split_at} validation rows out of {n}. Expected at least one "
-                         "of each.")
+        raise ValueError(
+            f"`validation_split`={fraction} leaves {split_at} training and "
+            f"{n - split_at} validation rows out of {n}. Expected at least one "
+            "of each."
+        )
     return data_lib.take_rows(data, 0, split_at), data_lib.take_rows(data, split_at, None)
 
 
@@ -86,8 +90,15 @@ class TrainArrays:
       steps_per_epoch: at most this many batches per epoch.
     """
 
-    def __init__(self, data: Batch, batch_size: int, layout: Any, *, shuffle: bool,
-                 steps_per_epoch: int | None):
+    def __init__(
+        self,
+        data: Batch,
+        batch_size: int,
+        layout: Any,
+        *,
+        shuffle: bool,
+        steps_per_epoch: int | None,
+    ):
         self.batch_size = layout.local_batch_size(batch_size)
         self.n = data_lib.num_rows(data.x, "x")
         self.shuffle, self.layout = shuffle, layout
@@ -99,15 +110,25 @@ class TrainArrays:
         self.data = layout.place_rows(data)
         self.exhausted = False
 
-    def segments(self, program: Any, ts: Any, key: jax.Array, epoch_index: int,
-                 fused: bool) -> list[Segment]:
+    def segments(
+        self, program: Any, ts: Any, key: jax.Array, epoch_index: int, fused: bool
+    ) -> list[Segment]:
         """The epoch's segments; the carry is ``(train_state, logs)``."""
-        pad = (self.has_tail and fused and self.layout.pads_train_tail
-               and not jax.tree_util.tree_leaves(ts.state)
-               and _compat.threefry_partitionable())
-        full, tail = data_lib.epoch_order(key, epoch_index, num_rows=self.n,
-                                          batch_size=self.batch_size, shuffle=self.shuffle,
-                                          pad_tail=pad)
+        pad = (
+            self.has_tail
+            and fused
+            and self.layout.pads_train_tail
+            and not jax.tree_util.tree_leaves(ts.state)
+            and _compat.threefry_partitionable()
+        )
+        full, tail = data_lib.epoch_order(
+            key,
+            epoch_index,
+            num_rows=self.n,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            pad_tail=pad,
+        )
         if not self.has_tail:
             tail = None  # steps_per_epoch cut the epoch before the leftover rows
         full, tail = self.layout.place_state((full, tail))
@@ -129,17 +150,26 @@ class Batches:
     by all passes and a pass is at most ``steps`` batches, so infinite generators work.
     """
 
-    def __init__(self, source: Iterable, steps: int | None, convert: Callable, *,
-                 name: str = "x", shared: bool = True):
+    def __init__(
+        self,
+        source: Iterable,
+        steps: int | None,
+        convert: Callable,
+        *,
+        name: str = "x",
+        shared: bool = True,
+    ):
         if not isinstance(source, Iterable) or data_lib.is_array(source):
-            raise TypeError(f"Expected `{name}` to be arrays or an iterable of batches. "
-                            f"Received: {type(source).__name__}.")
+            raise TypeError(
+                f"Expected `{name}` to be arrays or an iterable of batches. "
+                f"Received: {type(source).__name__}."
+            )
         self.source, self.steps_per_pass, self.convert = source, steps, convert
-        self.steps = steps or (len(source) if hasattr(source, "__len__") else None)
+        self.steps = steps or (len(source) if isinstance(source, Sized) else None)
         self._shared = iter(source) if (steps is not None and shared) else None
         self.exhausted = False
 
-    def open(self, steps: int | None = None) -> "Pass":
+    def open(self, steps: int | None = None) -> Pass:
         """One pass: a prefetching iterator of device batches, ``.first`` peeked."""
         iterator = self._shared if self._shared is not None else iter(self.source)
         limit = self.steps_per_pass if steps is None else steps
@@ -163,12 +193,16 @@ class Pass:
             self.count += 1
             yield batch
 
-    def segments(self, step: Callable[[Any, Any, int], Any],
-                 outputs: Callable | None = None) -> Iterator[Segment]:
+    def segments(
+        self, step: Callable[[Any, Any, int], Any], outputs: Callable | None = None
+    ) -> Iterator[Segment]:
         """One segment per batch: ``step(carry, batch, index) -> carry``."""
         for i, batch in enumerate(self):
-            yield Segment(i, 1, lambda carry, _s, _c, b=batch, i=i: step(carry, b, i),
-                          fusable=False, outputs=outputs)
+
+            def run(carry: Any, _start: int, _count: int, b: Any = batch, i: int = i) -> Any:
+                return step(carry, b, i)
+
+            yield Segment(i, 1, run, fusable=False, outputs=outputs)
 
 
 # --- Evaluation and prediction over arrays ----------------------------------------------
@@ -183,8 +217,9 @@ def chunks(tree: Any, num_rows: int, batch_size: int):
     work on the previous chunk.
     """
     row_bytes = sum(np.asarray(a[:1]).nbytes for a in jax.tree_util.tree_leaves(tree))
-    per_chunk = max(1, min(math.ceil(num_rows / batch_size),
-                           CHUNK_BYTES // max(1, row_bytes * batch_size)))
+    per_chunk = max(
+        1, min(math.ceil(num_rows / batch_size), CHUNK_BYTES // max(1, row_bytes * batch_size))
+    )
     rows = per_chunk * batch_size
 
     def put(first_row):
@@ -195,7 +230,8 @@ def chunks(tree: Any, num_rows: int, batch_size: int):
         part = jax.tree_util.tree_map(lambda a: a[np.minimum(index, num_rows - 1)], tree)
         if isinstance(part, Batch):  # repeated rows must not count
             part = part._replace(
-                weights=np.where(index < num_rows, part.weights, 0).astype(np.float32))
+                weights=np.where(index < num_rows, part.weights, 0).astype(np.float32)
+            )
         return jax.device_put(part)
 
     starts = list(range(0, num_rows, rows))
@@ -204,8 +240,11 @@ def chunks(tree: Any, num_rows: int, batch_size: int):
         current = ahead
         if i + 1 < len(starts):
             ahead = put(starts[i + 1])
-        yield (first_row // batch_size, math.ceil(min(rows, num_rows - first_row) / batch_size),
-               current)
+        yield (
+            first_row // batch_size,
+            math.ceil(min(rows, num_rows - first_row) / batch_size),
+            current,
+        )
 
 
 class EvalArrays:
@@ -228,18 +267,26 @@ class EvalArrays:
         total = math.ceil(self.n / self.batch_size)
         return total if steps is None else min(total, steps)
 
-    def segments(self, program: Any, params: Any, state: Any, fused: bool,
-                 steps: int | None = None) -> Iterator[Segment]:
+    def segments(
+        self, program: Any, params: Any, state: Any, fused: bool, steps: int | None = None
+    ) -> Iterator[Segment]:
         """The run's segments; the carry is the metric states (``logs``)."""
         fn = program.eval_run(self.batch_size, fused)
         if not self.on_host:
-            yield Segment(0, self.num_batches(steps), lambda logs, start, count: fn(
-                params, state, 0, logs, self.data, start, count), fusable=fused)
+            yield Segment(
+                0,
+                self.num_batches(steps),
+                lambda logs, start, count: fn(params, state, 0, logs, self.data, start, count),
+                fusable=fused,
+            )
             return
         rows = min(self.n, self.num_batches(steps) * self.batch_size)
         for first, count, chunk in chunks(self.data, rows, self.batch_size):
-            yield Segment(first, count, lambda logs, start, k, chunk=chunk, first=first: fn(
-                params, state, first, logs, chunk, start, k), fusable=fused)
+
+            def run(logs: Any, start: int, k: int, chunk: Any = chunk, first: int = first) -> Any:
+                return fn(params, state, first, logs, chunk, start, k)
+
+            yield Segment(first, count, run, fusable=fused)
 
 
 class PredictArrays:
@@ -258,7 +305,7 @@ class PredictArrays:
         self.n = n if steps is None else min(n, steps * self.batch_size)
         self.steps = math.ceil(self.n / self.batch_size)
 
-    def collector(self, spec: Any) -> "Collector":
+    def collector(self, spec: Any) -> Collector:
         return Collector(spec, self.n, self.batch_size)
 
     def segments(self, program: Any, params: Any, state: Any, fused: bool) -> Iterator[Segment]:
@@ -295,8 +342,7 @@ class Collector:
 
     def __init__(self, spec: Any, n: int, batch_size: int):
         self.spec, self.n, self.batch_size = spec, n, batch_size
-        self.result = jax.tree_util.tree_map(
-            lambda s: np.empty((n, *s.shape[1:]), s.dtype), spec)
+        self.result = jax.tree_util.tree_map(lambda s: np.empty((n, *s.shape[1:]), s.dtype), spec)
         self.buffer: Any = None
         self._first_batch = 0
         self._pending: tuple | None = None
@@ -307,18 +353,20 @@ class Collector:
             self._flush()
             self._pending = (self._first_batch, self.buffer)
         self._first_batch = first_batch
-        self.buffer = layout.place_state(jax.tree_util.tree_map(
-            lambda s: jnp.zeros((rows, *s.shape[1:]), s.dtype), self.spec))
+        self.buffer = layout.place_state(
+            jax.tree_util.tree_map(lambda s: jnp.zeros((rows, *s.shape[1:]), s.dtype), self.spec)
+        )
 
     def _flush(self) -> None:
         if self._pending is None:
             return
         first_batch, out = self._pending
         first_row = first_batch * self.batch_size
-        for target, values in zip(jax.tree_util.tree_leaves(self.result),
-                                  jax.tree_util.tree_leaves(jax.device_get(out))):
+        for target, values in zip(
+            jax.tree_util.tree_leaves(self.result), jax.tree_util.tree_leaves(jax.device_get(out))
+        ):
             values = np.asarray(values)
-            target[first_row:first_row + len(values)] = values[:self.n - first_row]
+            target[first_row : first_row + len(values)] = values[: self.n - first_row]
         self._pending = None
 
     def rows(self, start: int, count: int) -> Any:

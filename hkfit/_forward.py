@@ -17,7 +17,8 @@ transform with :func:`with_is_training` to receive it as a keyword argument.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import haiku as hk
 
@@ -78,23 +79,36 @@ def with_is_training(transformed: HaikuTransform, name: str = "is_training") -> 
     (3, 2)
     """
     if not isinstance(name, str):
-        raise TypeError("Expected `name` to be a str, the name of the training flag "
-                        f"argument. Received: name={name!r}.")
+        raise TypeError(
+            "Expected `name` to be a str, the name of the training flag "
+            f"argument. Received: name={name!r}."
+        )
     if not name.isidentifier():
-        raise ValueError("Expected `name` to be a Python identifier, the name of the training "
-                         f"flag argument. Received: name={name!r}.")
+        raise ValueError(
+            "Expected `name` to be a Python identifier, the name of the training "
+            f"flag argument. Received: name={name!r}."
+        )
     if isinstance(transformed, TrainingFlag) or not isinstance(
-            transformed, (hk.Transformed, hk.TransformedWithState)):
-        hint = (" A plain function with an `is_training` parameter gets the flag without "
-                "with_is_training: pass the function itself." if callable(transformed) else "")
-        raise TypeError("Expected `transformed` to be an hk.Transformed or "
-                        "hk.TransformedWithState (from hk.transform / hk.transform_with_state)."
-                        f" Received: transformed of type {type(transformed).__name__}.{hint}")
+        transformed, (hk.Transformed, hk.TransformedWithState)
+    ):
+        hint = (
+            " A plain function with an `is_training` parameter gets the flag without "
+            "with_is_training: pass the function itself."
+            if callable(transformed)
+            else ""
+        )
+        raise TypeError(
+            "Expected `transformed` to be an hk.Transformed or "
+            "hk.TransformedWithState (from hk.transform / hk.transform_with_state)."
+            f" Received: transformed of type {type(transformed).__name__}.{hint}"
+        )
     parameters = _keyword_parameters(transformed.apply)
     if parameters is not None and name not in parameters:
-        raise TypeError(f"Expected `transformed.apply` to take a keyword argument `{name}`. "
-                        f"Received: apply with parameters ({', '.join(parameters)}). Pass the "
-                        "name of the transformed function's training flag as `name`.")
+        raise TypeError(
+            f"Expected `transformed.apply` to take a keyword argument `{name}`. "
+            f"Received: apply with parameters ({', '.join(parameters)}). Pass the "
+            "name of the transformed function's training flag as `name`."
+        )
     return TrainingFlag(transformed, name)
 
 
@@ -134,6 +148,7 @@ def _stateful(transformed: HaikuTransform) -> tuple[Callable, Callable]:
     """
     rng_args = (lambda rng: (rng,)) if _takes_rng(transformed.apply) else (lambda rng: ())
     if isinstance(transformed, hk.TransformedWithState):
+
         def apply(params, state, rng, x, **kwargs):
             return transformed.apply(params, state, *rng_args(rng), x, **kwargs)
 
@@ -154,10 +169,12 @@ def _with_flag(transformed: HaikuTransform, name: str, summary: Any = None) -> F
     on, off = {name: True}, {name: False}
     if summary is None:  # Runs init in training mode; each module appears once.
         summary = hk.transform_with_state(lambda x: init(hk.next_rng_key(), x, **on))
-    return Forward(lambda rng, x: init(rng, x, **on),
-                   lambda params, state, rng, x: apply(params, state, rng, x, **on),
-                   lambda params, state, rng, x: apply(params, state, rng, x, **off)[0],
-                   summary)
+    return Forward(
+        lambda rng, x: init(rng, x, **on),
+        lambda params, state, rng, x: apply(params, state, rng, x, **on),
+        lambda params, state, rng, x: apply(params, state, rng, x, **off)[0],
+        summary,
+    )
 
 
 def wrap(forward: Any) -> Forward:
@@ -178,19 +195,28 @@ def wrap(forward: Any) -> Forward:
 
     if isinstance(forward, (hk.Transformed, hk.TransformedWithState)):
         init, apply = _stateful(forward)
-        return Forward(init, apply, lambda params, state, rng, x: apply(params, state, rng, x)[0],
-                       forward)
+        return Forward(
+            init, apply, lambda params, state, rng, x: apply(params, state, rng, x)[0], forward
+        )
 
     if not callable(forward):
-        raise TypeError("Expected `forward` to be a function using Haiku modules, or an "
-                        "hk.Transformed / hk.TransformedWithState. Received: "
-                        f"{forward!r} of type {type(forward).__name__}.")
+        raise TypeError(
+            "Expected `forward` to be a function using Haiku modules, or an "
+            "hk.Transformed / hk.TransformedWithState. Received: "
+            f"{forward!r} of type {type(forward).__name__}."
+        )
 
     if takes_is_training(forward):
-        return _with_flag(hk.transform_with_state(forward), "is_training",
-                          hk.transform_with_state(lambda x: forward(x, is_training=True)))
+        return _with_flag(
+            hk.transform_with_state(forward),
+            "is_training",
+            hk.transform_with_state(lambda x: forward(x, is_training=True)),
+        )
 
     transformed = hk.transform_with_state(forward)
-    return Forward(transformed.init, transformed.apply,
-                   lambda params, state, rng, x: transformed.apply(params, state, rng, x)[0],
-                   transformed)
+    return Forward(
+        transformed.init,
+        transformed.apply,
+        lambda params, state, rng, x: transformed.apply(params, state, rng, x)[0],
+        transformed,
+    )

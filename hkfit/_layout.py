@@ -35,7 +35,8 @@ import math
 import re
 import warnings
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -110,19 +111,27 @@ class ShardingRules:
         return bool(self.rules)
 
     def _check(self, rule) -> tuple[re.Pattern, PartitionSpec]:
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
-                and isinstance(rule[1], PartitionSpec)):
-            raise ValueError("Expected each `param_sharding` rule to be a pair (regex, "
-                             f"PartitionSpec). Received: {rule!r}.")
+        if not (
+            isinstance(rule, (tuple, list))
+            and len(rule) == 2
+            and isinstance(rule[0], str)
+            and isinstance(rule[1], PartitionSpec)
+        ):
+            raise ValueError(
+                "Expected each `param_sharding` rule to be a pair (regex, "
+                f"PartitionSpec). Received: {rule!r}."
+            )
         try:
             pattern = re.compile(rule[0])
         except re.error as e:
             raise ValueError(f"Invalid regex in `param_sharding` rule {rule[0]!r}: {e}.") from e
         for axes in rule[1]:
-            for axis in (axes if isinstance(axes, tuple) else (axes,)):
+            for axis in axes if isinstance(axes, tuple) else (axes,):
                 if axis is not None and axis not in self.mesh_axes:
-                    raise ValueError(f"`param_sharding` rule {rule[0]!r} names mesh axis "
-                                     f"{axis!r}; expected one of {tuple(self.mesh_axes)}.")
+                    raise ValueError(
+                        f"`param_sharding` rule {rule[0]!r} names mesh axis "
+                        f"{axis!r}; expected one of {tuple(self.mesh_axes)}."
+                    )
         return pattern, rule[1]
 
     def spec_for(self, path: str, shape: tuple) -> PartitionSpec:
@@ -130,8 +139,10 @@ class ShardingRules:
         for pattern, spec in self.rules:
             if pattern.search(path):
                 if len(spec) > len(shape):
-                    raise ValueError(f"`param_sharding` rule {pattern.pattern!r} gives {spec} "
-                                     f"({len(spec)} dims) to parameter {path!r} of shape {shape}.")
+                    raise ValueError(
+                        f"`param_sharding` rule {pattern.pattern!r} gives {spec} "
+                        f"({len(spec)} dims) to parameter {path!r} of shape {shape}."
+                    )
                 for dim, axes in enumerate(spec):
                     names = axes if isinstance(axes, tuple) else (axes,)
                     size = math.prod(self.mesh_axes[a] for a in names if a is not None)
@@ -140,7 +151,8 @@ class ShardingRules:
                             f"`param_sharding` rule {pattern.pattern!r} splits dimension {dim} "
                             f"of parameter {path!r} (shape {shape}) over mesh axes {axes!r} of "
                             f"size {size}, but {shape[dim]} is not divisible by {size}. Change "
-                            "the layer size, the mesh shape or the rule.")
+                            "the layer size, the mesh shape or the rule."
+                        )
                 return spec
         return PartitionSpec()
 
@@ -152,8 +164,11 @@ class ShardingRules:
             specs[key], shapes[key] = self.spec_for(key, tuple(np.shape(leaf))), np.shape(leaf)
         for pattern, _ in self.rules:
             if not any(pattern.search(key) for key in specs):
-                warnings.warn(f"`param_sharding` rule {pattern.pattern!r} matches no parameter; "
-                              f"parameter paths are: {sorted(specs)}.", stacklevel=5)
+                warnings.warn(
+                    f"`param_sharding` rule {pattern.pattern!r} matches no parameter; "
+                    f"parameter paths are: {sorted(specs)}.",
+                    stacklevel=5,
+                )
 
         def spec(path, leaf):
             key = _param_path(path)
@@ -165,8 +180,10 @@ class ShardingRules:
             return jax.tree_util.tree_map_with_path(spec, t)
 
         replicated = jax.tree_util.tree_map(lambda _: PartitionSpec(), ts.state)
-        return TrainState(tree(ts.params), replicated, tree(ts.opt_state), PartitionSpec(),
-                          PartitionSpec())
+        # The fields hold PartitionSpecs, not arrays: the same pytree structure as `ts`.
+        return TrainState._make(
+            (tree(ts.params), replicated, tree(ts.opt_state), PartitionSpec(), PartitionSpec())
+        )
 
 
 def _nearest_multiples(value: int, multiple: int) -> str:
@@ -205,22 +222,34 @@ class DataParallel:
     pads_train_tail = False
     streams_inference = False
 
-    def __init__(self, devices: Sequence[Any] | None = None, axis_name: str = "data", *,
-                 mesh_shape: dict[str, int] | None = None,
-                 param_sharding: Sequence[tuple[str, PartitionSpec]] | None = None):
+    def __init__(
+        self,
+        devices: Sequence[Any] | None = None,
+        axis_name: str = "data",
+        *,
+        mesh_shape: dict[str, int] | None = None,
+        param_sharding: Sequence[tuple[str, PartitionSpec]] | None = None,
+    ):
         devices = list(jax.devices() if devices is None else devices)
         if not devices:
             raise ValueError("Expected at least one device in `devices`. Received: [].")
         if mesh_shape is None:
             mesh_shape = {axis_name: len(devices)}
-        if not isinstance(mesh_shape, dict) or axis_name not in mesh_shape or not all(
-                isinstance(s, int) and s > 0 for s in mesh_shape.values()):
-            raise ValueError(f"Expected `mesh_shape` to be a dict of positive axis sizes that "
-                             f"includes the batch axis {axis_name!r}. Received: "
-                             f"mesh_shape={mesh_shape!r}.")
+        if (
+            not isinstance(mesh_shape, dict)
+            or axis_name not in mesh_shape
+            or not all(isinstance(s, int) and s > 0 for s in mesh_shape.values())
+        ):
+            raise ValueError(
+                f"Expected `mesh_shape` to be a dict of positive axis sizes that "
+                f"includes the batch axis {axis_name!r}. Received: "
+                f"mesh_shape={mesh_shape!r}."
+            )
         if math.prod(mesh_shape.values()) != len(devices):
-            raise ValueError(f"Expected the sizes in `mesh_shape` to multiply to the number of "
-                             f"devices, {len(devices)}. Received: mesh_shape={mesh_shape!r}.")
+            raise ValueError(
+                f"Expected the sizes in `mesh_shape` to multiply to the number of "
+                f"devices, {len(devices)}. Received: mesh_shape={mesh_shape!r}."
+            )
         self.axis_name = axis_name
         self.mesh = _compat.make_mesh(tuple(mesh_shape.values()), tuple(mesh_shape), devices)
         self.num_replicas = int(mesh_shape[axis_name])
@@ -248,10 +277,16 @@ class DataParallel:
 
     def state_shardings(self, ts: TrainState) -> TrainState:
         """The shardings of a TrainState: replicated, or split by ``param_sharding``."""
-        specs = (self.param_sharding.train_state_specs(ts) if self.param_sharding else
-                 jax.tree_util.tree_map(lambda _: PartitionSpec(), ts))
-        return jax.tree_util.tree_map(lambda spec: NamedSharding(self.mesh, spec), specs,
-                                      is_leaf=lambda s: isinstance(s, PartitionSpec))
+        specs = (
+            self.param_sharding.train_state_specs(ts)
+            if self.param_sharding
+            else jax.tree_util.tree_map(lambda _: PartitionSpec(), ts)
+        )
+        return jax.tree_util.tree_map(
+            lambda spec: NamedSharding(self.mesh, spec),
+            specs,
+            is_leaf=lambda s: isinstance(s, PartitionSpec),
+        )
 
     def place_state(self, tree: PyTree) -> PyTree:
         """Puts model state (or any pytree) on every device; a ``TrainState``'s parameters
@@ -278,8 +313,10 @@ class DataParallel:
                 rows = data_lib.num_rows(tree.x, "x")
                 counts = np.asarray(multihost_utils.process_allgather(np.array([rows]))).ravel()
                 if len(set(counts.tolist())) > 1:
-                    raise ValueError("Expected every process to pass the same number of rows. "
-                                     f"Received: rows per process {counts.tolist()}.")
+                    raise ValueError(
+                        "Expected every process to pass the same number of rows. "
+                        f"Received: rows per process {counts.tolist()}."
+                    )
                 stacked = multihost_utils.process_allgather(tree, tiled=False)
                 tree = jax.tree_util.tree_map(lambda a: np.swapaxes(np.asarray(a), 0, 1), stacked)
             else:
@@ -289,14 +326,17 @@ class DataParallel:
     @staticmethod
     def _check_same_everywhere(tree) -> None:
         leaves = [np.ascontiguousarray(a) for a in jax.tree_util.tree_leaves(tree)]
-        digest = np.array([zlib.crc32(a.tobytes()) ^ zlib.crc32(repr(a.shape).encode())
-                           for a in leaves], np.int64)
+        digest = np.array(
+            [zlib.crc32(a.tobytes()) ^ zlib.crc32(repr(a.shape).encode()) for a in leaves], np.int64
+        )
         digests = np.asarray(multihost_utils.process_allgather(digest))
         if not (digests == digests[0]).all():
-            raise ValueError("In a multi-process run, `predict` on arrays expects the same "
-                             "inputs in every process (each gets every output row). Received: "
-                             "different inputs. Predict on each process's own rows with a "
-                             "single-process model, or pass the same arrays everywhere.")
+            raise ValueError(
+                "In a multi-process run, `predict` on arrays expects the same "
+                "inputs in every process (each gets every output row). Received: "
+                "different inputs. Predict on each process's own rows with a "
+                "single-process model, or pass the same arrays everywhere."
+            )
 
     def device_batch(self, batch: Any) -> tuple:
         """One ``(x, y[, w])`` batch from an iterable as global arrays ``(x, y, w)``.
@@ -317,7 +357,10 @@ class DataParallel:
         if total % self.num_replicas == 0:
             return jax.tree_util.tree_map(
                 lambda a: jax.make_array_from_process_local_data(
-                    self.batch_sharding, a, (total, *a.shape[1:])), local)
+                    self.batch_sharding, a, (total, *a.shape[1:])
+                ),
+                local,
+            )
         full = multihost_utils.process_allgather(local, tiled=True)
         return jax.tree_util.tree_map(lambda a: self._put(a, self.replicated), full)
 
@@ -339,7 +382,8 @@ class DataParallel:
                 f"Expected `batch_size` to be a multiple of {multiple}, the number of devices "
                 f"along the {self.axis_name!r} mesh axis (the global batch is split evenly "
                 f"across them). Received: batch_size={batch_size}. Use "
-                f"{_nearest_multiples(batch_size, multiple)}.")
+                f"{_nearest_multiples(batch_size, multiple)}."
+            )
         return batch_size // jax.process_count()
 
     def step_options(self, kind: str) -> dict[str, Any]:
@@ -355,7 +399,8 @@ class DataParallel:
         def shard_batch(tree):
             if merge:  # [rows, processes, ...] -> process-major [processes * rows, ...]
                 tree = jax.tree_util.tree_map(
-                    lambda a: jnp.swapaxes(a, 0, 1).reshape((-1, *a.shape[2:])), tree)
+                    lambda a: jnp.swapaxes(a, 0, 1).reshape((-1, *a.shape[2:])), tree
+                )
             rows = jax.tree_util.tree_leaves(tree)[0].shape[0]
             if rows % self.num_replicas:
                 return tree  # unsplit: every row still counts, exactly
@@ -363,6 +408,9 @@ class DataParallel:
 
         if kind == "train":
             return {"shard_batch": shard_batch}
-        per_process = (self.num_replicas // math.gcd(self.num_replicas, processes) if merge
-                       else self.num_replicas)
+        per_process = (
+            self.num_replicas // math.gcd(self.num_replicas, processes)
+            if merge
+            else self.num_replicas
+        )
         return {"shard_batch": shard_batch, "multiple": per_process}

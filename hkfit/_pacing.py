@@ -28,10 +28,14 @@ TIMED_CALLS = 3
 def check(steps_per_execution: Any) -> None:
     """Raises ValueError unless ``steps_per_execution`` is ``"auto"`` or an int >= 1."""
     if steps_per_execution != "auto" and (
-            not isinstance(steps_per_execution, int) or isinstance(steps_per_execution, bool)
-            or steps_per_execution < 1):
-        raise ValueError("Expected `steps_per_execution` to be 'auto' or an int >= 1. "
-                         f"Received: steps_per_execution={steps_per_execution!r}.")
+        not isinstance(steps_per_execution, int)
+        or isinstance(steps_per_execution, bool)
+        or steps_per_execution < 1
+    ):
+        raise ValueError(
+            "Expected `steps_per_execution` to be 'auto' or an int >= 1. "
+            f"Received: steps_per_execution={steps_per_execution!r}."
+        )
 
 
 class Pacer:
@@ -44,8 +48,9 @@ class Pacer:
         not, every execution is one step of a loop-free compiled function.
     """
 
-    def __init__(self, steps_per_execution: Any = "auto", target: float = 0.2,
-                 fuse_auto: bool = True):
+    def __init__(
+        self, steps_per_execution: Any = "auto", target: float = 0.2, fuse_auto: bool = True
+    ):
         check(steps_per_execution)
         self.fused = steps_per_execution != 1 and (steps_per_execution != "auto" or fuse_auto)
         self.auto = steps_per_execution == "auto" and self.fused

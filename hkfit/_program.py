@@ -11,7 +11,8 @@ fresh noise for every row whatever the batch size, and repeated calls are identi
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,15 @@ class Program:
       inference_key: the key inference batches fold their index into.
     """
 
-    def __init__(self, forward: Forward, loss_fn: Callable, optimizer: Any,
-                 metrics: Sequence[Any] | None, layout: Any, inference_key: jax.Array):
+    def __init__(
+        self,
+        forward: Forward,
+        loss_fn: Callable,
+        optimizer: Any,
+        metrics: Sequence[Any] | None,
+        layout: Any,
+        inference_key: jax.Array,
+    ):
         self.forward, self.loss_fn, self.optimizer = forward, loss_fn, optimizer
         self.metrics = None if metrics is None else list(metrics)
         self.layout = layout
@@ -52,8 +60,10 @@ class Program:
 
     def _metric_list(self) -> list:
         if self.metrics is None:
-            raise ValueError("Loss and metrics need labels: call `fit`, `evaluate` or "
-                             "`train_on_batch` with targets `y` first.")
+            raise ValueError(
+                "Loss and metrics need labels: call `fit`, `evaluate` or "
+                "`train_on_batch` with targets `y` first."
+            )
         return self.metrics
 
     # --- Logs ---
@@ -77,8 +87,9 @@ class Program:
         return jax.jit(step, **kwargs)
 
     def _train_step(self) -> Callable:
-        return step_lib.make_train_step(self.forward.apply_train, self.loss_fn, self.optimizer,
-                                        self._metric_list())
+        return step_lib.make_train_step(
+            self.forward.apply_train, self.loss_fn, self.optimizer, self._metric_list()
+        )
 
     def train_step(self, ts: TrainState) -> Callable:
         """``(ts, logs, batch) -> (ts, logs)`` for one batch (iterables, train_on_batch)."""
@@ -86,10 +97,13 @@ class Program:
 
     def train_run(self, ts: TrainState, fuse: bool) -> Callable:
         """``(ts, logs, data, idx, start, count) -> (ts, logs)`` over device-resident rows."""
+
         def build():
-            run = step_lib.make_fused_train(self._train_step(), fuse=fuse,
-                                            **self.layout.step_options("train"))
+            run = step_lib.make_fused_train(
+                self._train_step(), fuse=fuse, **self.layout.step_options("train")
+            )
             return self._jit_train(run, ts)
+
         return self._cached(("train_run", fuse), build)
 
     # --- Inference ---
@@ -99,44 +113,71 @@ class Program:
 
     def eval_step(self) -> Callable:
         """``(params, state, logs, batch, index) -> logs`` for batch ``index`` of a run."""
+
         def build():
-            step = step_lib.make_eval_step(self.apply_eval, self.loss_fn, self._metric_list(),
-                                           keyed=True)
+            step = step_lib.make_eval_step(
+                self.apply_eval, self.loss_fn, self._metric_list(), keyed=True
+            )
             key = self.inference_key
-            return jax.jit(lambda params, state, logs, batch, index: step(
-                params, state, logs, batch, step_lib.batch_key(key, index)), donate_argnums=(2,))
+            return jax.jit(
+                lambda params, state, logs, batch, index: step(
+                    params, state, logs, batch, step_lib.batch_key(key, index)
+                ),
+                donate_argnums=(2,),
+            )
+
         return self._cached(("eval",), build)
 
     def eval_run(self, batch_size: int, fuse: bool) -> Callable:
         """``(params, state, offset, logs, data, start, count) -> logs`` over rows of data."""
+
         def build():
-            step = step_lib.make_eval_step(self.apply_eval, self.loss_fn, self._metric_list(),
-                                           keyed=True)
-            run = step_lib.make_fused_eval(step, batch_size, fuse, keyed=True,
-                                           **self.layout.step_options("eval"))
+            step = step_lib.make_eval_step(
+                self.apply_eval, self.loss_fn, self._metric_list(), keyed=True
+            )
+            run = step_lib.make_fused_eval(
+                step, batch_size, fuse, keyed=True, **self.layout.step_options("eval")
+            )
             key = self.inference_key
-            return jax.jit(lambda params, state, offset, logs, data, start, count: run(
-                params, state, key, offset, logs, data, start, count), donate_argnums=(3,))
+            return jax.jit(
+                lambda params, state, offset, logs, data, start, count: run(
+                    params, state, key, offset, logs, data, start, count
+                ),
+                donate_argnums=(3,),
+            )
+
         return self._cached(("eval_run", batch_size, fuse), build)
 
     def predict_step(self) -> Callable:
         """``(params, state, x, index) -> y`` for batch ``index`` of a run."""
+
         def build():
             step = step_lib.make_predict_step(self.apply_eval, keyed=True)
             key = self.inference_key
-            return jax.jit(lambda params, state, x, index: step(
-                params, state, x, step_lib.batch_key(key, index)))
+            return jax.jit(
+                lambda params, state, x, index: step(
+                    params, state, x, step_lib.batch_key(key, index)
+                )
+            )
+
         return self._cached(("predict",), build)
 
     def predict_run(self, batch_size: int, fuse: bool) -> Callable:
         """``(params, state, offset, out, x, start, count) -> out`` writing rows of ``out``."""
+
         def build():
             step = step_lib.make_predict_step(self.apply_eval, keyed=True)
-            run = step_lib.make_fused_predict(step, batch_size, fuse, keyed=True,
-                                              **self.layout.step_options("predict"))
+            run = step_lib.make_fused_predict(
+                step, batch_size, fuse, keyed=True, **self.layout.step_options("predict")
+            )
             key = self.inference_key
-            return jax.jit(lambda params, state, offset, out, x, start, count: run(
-                params, state, key, offset, out, x, start, count), donate_argnums=(3,))
+            return jax.jit(
+                lambda params, state, offset, out, x, start, count: run(
+                    params, state, key, offset, out, x, start, count
+                ),
+                donate_argnums=(3,),
+            )
+
         return self._cached(("predict_run", batch_size, fuse), build)
 
     def output_spec(self, params, state, x) -> Any:
@@ -149,8 +190,13 @@ class Program:
         """Whether fusing steps into a compiled loop pays off here (see ``hkfit._pacing``)."""
         if self._loops_help is None:
             self._loops_help = _pacing.loops_help(
-                self.apply_eval, params, state, self.inference_key, example,
-                platform=self.layout.platform)
+                self.apply_eval,
+                params,
+                state,
+                self.inference_key,
+                example,
+                platform=self.layout.platform,
+            )
         return self._loops_help
 
     def pacer(self, kind: str, steps_per_execution: Any, fuse_auto: bool) -> _pacing.Pacer:

@@ -10,7 +10,8 @@ executor, which paces them and fires the hooks.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -33,15 +34,16 @@ class Context(NamedTuple):
       layout: where arrays live.
       build: ``(x, y=None) -> Program``: initializes the model if needed, checks the
         inputs once per structure, resolves metrics when labels are first seen.
-      program: () -> the current program (after a build).
+      program: () -> the current program, None before the first build.
       built: () -> whether the model has parameters.
       get_state / set_state: read and publish the train state.
       example: () -> zeros of one input row (to inspect the forward).
       shuffle_key: the key epoch orders are drawn from.
     """
+
     layout: Any
     build: Callable[..., Program]
-    program: Callable[[], Program]
+    program: Callable[[], Program | None]
     built: Callable[[], bool]
     get_state: Callable[[], Any]
     set_state: Callable[[Any], None]
@@ -49,11 +51,21 @@ class Context(NamedTuple):
     shuffle_key: jax.Array
 
 
+def _current_program(context: Context) -> Program:
+    """The program of a model that array feeds have already built."""
+    program = context.program()
+    if program is None:
+        raise RuntimeError("Expected the model to be built by its feed before the run.")
+    return program
+
+
 def callback_list(callbacks: Any, model: Any, verbose: int, params: dict) -> CallbackList:
     """The user's callbacks (checked), plus a progress bar when ``verbose``."""
     if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
-        raise TypeError("Expected `callbacks` to be a list of hkfit.callbacks.Callback. "
-                        f"Received: callbacks={callbacks!r}.")
+        raise TypeError(
+            "Expected `callbacks` to be a list of hkfit.callbacks.Callback. "
+            f"Received: callbacks={callbacks!r}."
+        )
     bar = [ProgressBar(verbose)] if verbose else []
     return CallbackList([*callbacks, *bar], model=model, params={**params, "verbose": verbose})
 
@@ -67,9 +79,18 @@ def _pacer(context: Context, program: Program, kind: str, steps_per_execution: A
 # --- fit -----------------------------------------------------------------------------
 
 
-def fit_feeds(context: Context, x: Any, y: Any, args: _args.FitArgs, *, shuffle: bool,
-              class_weight: Any, sample_weight: Any, validation_data: Any,
-              check_inputs: bool) -> tuple[Any, Any]:
+def fit_feeds(
+    context: Context,
+    x: Any,
+    y: Any,
+    args: _args.FitArgs,
+    *,
+    shuffle: bool,
+    class_weight: Any,
+    sample_weight: Any,
+    validation_data: Any,
+    check_inputs: bool,
+) -> tuple[Any, Any]:
     """The training feed and the validation feed (or None) of one ``fit``."""
     if _args.is_iterable_input(x, y):
         _args.check_iterable_args(y, sample_weight, class_weight, args.validation_split)
@@ -85,59 +106,93 @@ def fit_feeds(context: Context, x: Any, y: Any, args: _args.FitArgs, *, shuffle:
             validation_data = tuple(split)
         if class_weight is not None:
             rows = data_lib.num_rows(data.x, "x")
-            data = data._replace(weights=data.weights * data_lib.row_weights(
-                rows, data.y, None, class_weight))
+            data = data._replace(
+                weights=data.weights * data_lib.row_weights(rows, data.y, None, class_weight)
+            )
         context.build(data.x, data.y)
-        train = feeds.TrainArrays(data, args.batch_size, context.layout, shuffle=shuffle,
-                                  steps_per_epoch=args.steps_per_epoch)
+        train = feeds.TrainArrays(
+            data,
+            args.batch_size,
+            context.layout,
+            shuffle=shuffle,
+            steps_per_epoch=args.steps_per_epoch,
+        )
     val = None
     if validation_data is not None:
-        val = eval_feed(context, validation_data, None, None, args.validation_batch_size,
-                        check_inputs, resident=True, name="validation_data")
+        val = eval_feed(
+            context,
+            validation_data,
+            None,
+            None,
+            args.validation_batch_size,
+            check_inputs,
+            resident=True,
+            name="validation_data",
+        )
     return train, val
 
 
-def train_epoch(context: Context, train: Any, cbs: CallbackList, args: _args.FitArgs,
-                epoch: int, epoch_index: int, should_stop: Callable[[], bool]) -> dict | None:
+def train_epoch(
+    context: Context,
+    train: Any,
+    cbs: CallbackList,
+    args: _args.FitArgs,
+    epoch: int,
+    epoch_index: int,
+    should_stop: Callable[[], bool],
+) -> dict | None:
     """Runs epoch ``epoch``; None when the data ran out before it started.
 
     ``epoch_index`` counts the epochs the model has trained: the shuffle order's index.
     """
-    steps_per_execution = engine.steps_per_execution_for(cbs, engine.TRAIN,
-                                                         args.steps_per_execution)
+    steps_per_execution = engine.steps_per_execution_for(
+        cbs, engine.TRAIN, args.steps_per_execution
+    )
     if isinstance(train, feeds.TrainArrays):
-        program = context.program()
+        program = _current_program(context)
         pacer = _pacer(context, program, "train", steps_per_execution)
-        segments: Any = train.segments(program, context.get_state(), context.shuffle_key,
-                                       epoch_index, pacer.fused)
+        segments: Any = train.segments(
+            program, context.get_state(), context.shuffle_key, epoch_index, pacer.fused
+        )
     else:
         batches = train.open()
         if batches.first is None:
             if not context.built():
-                raise ValueError("Expected a non-empty dataset. Received: an iterable `x` "
-                                 "that yielded no batch.")
+                raise ValueError(
+                    "Expected a non-empty dataset. Received: an iterable `x` that yielded no batch."
+                )
             return None
         program = context.build(batches.first[0], batches.first[1])
         step = program.train_step(context.get_state())
         segments = batches.segments(lambda carry, b, _i: step(carry[0], carry[1], Batch(*b)))
         pacer = Pacer(1)
-    executor = engine.Executor(cbs, engine.TRAIN, pacer, read_logs=program.read_logs,
-                               commit=lambda carry: context.set_state(carry[0]),
-                               should_stop=should_stop, progress=args.verbose == 1,
-                               logs_of=lambda carry: carry[1],
-                               load=lambda carry: (context.get_state(), carry[1]))
+    executor = engine.Executor(
+        cbs,
+        engine.TRAIN,
+        pacer,
+        read_logs=program.read_logs,
+        commit=lambda carry: context.set_state(carry[0]),
+        should_stop=should_stop,
+        progress=args.verbose == 1,
+        logs_of=lambda carry: carry[1],
+        load=lambda carry: (context.get_state(), carry[1]),
+    )
     _, logs = executor.run(segments, (context.get_state(), program.empty_logs()))
     wanted = getattr(train, "steps_per_pass", None)
     if wanted is not None and executor.batches < wanted and not should_stop():
-        warnings.warn(f"The iterable ran out after {executor.batches} of {wanted} steps in epoch "
-                      f"{epoch + 1}; training stops here and keeps every completed step. Make it "
-                      "yield steps_per_epoch * epochs batches (e.g. repeat it).", stacklevel=5)
+        warnings.warn(
+            f"The iterable ran out after {executor.batches} of {wanted} steps in epoch "
+            f"{epoch + 1}; training stops here and keeps every completed step. Make it "
+            "yield steps_per_epoch * epochs batches (e.g. repeat it).",
+            stacklevel=5,
+        )
         train.exhausted = True
     return program.read_logs(logs)
 
 
-def validate(context: Context, val: Any, cbs: CallbackList, args: _args.FitArgs,
-             epoch: int) -> dict | None:
+def validate(
+    context: Context, val: Any, cbs: CallbackList, args: _args.FitArgs, epoch: int
+) -> dict | None:
     """``{}`` when no validation is due, None when it yielded no batch, else its logs."""
     if val is None or not args.validate_after(epoch + 1):
         return {}
@@ -147,16 +202,30 @@ def validate(context: Context, val: Any, cbs: CallbackList, args: _args.FitArgs,
 # --- evaluate ------------------------------------------------------------------------
 
 
-def eval_feed(context: Context, x: Any, y: Any, sample_weight: Any, batch_size: int,
-              check_inputs: bool, *, resident: bool, name: str = "x") -> Any:
+def eval_feed(
+    context: Context,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    batch_size: int,
+    check_inputs: bool,
+    *,
+    resident: bool,
+    name: str = "x",
+) -> Any:
     """Arrays (``(x, y[, w])`` tuples too, as ``validation_data`` is) or an iterable."""
-    if y is None and isinstance(x, tuple) and len(x) in (2, 3) and all(
-            d is None or data_lib.is_array_tree(d) for d in x):
+    if (
+        y is None
+        and isinstance(x, tuple)
+        and len(x) in (2, 3)
+        and all(d is None or data_lib.is_array_tree(d) for d in x)
+    ):
         x, y, sample_weight = (*x, None)[:3]
     if y is None:
         if isinstance(x, dict) or data_lib.is_array(x):
-            raise ValueError(f"Expected targets `y` to evaluate array inputs `{name}`. "
-                             "Received: y=None.")
+            raise ValueError(
+                f"Expected targets `y` to evaluate array inputs `{name}`. Received: y=None."
+            )
         return feeds.Batches(x, None, context.layout.device_batch, name=name)
     x, y, n = data_lib.checked_arrays(x, y, check_inputs)
     context.build(x, y)
@@ -170,12 +239,19 @@ def steps_of(feed: Any, steps: int | None) -> int | None:
     return total if steps is None or total is None else min(total, steps)
 
 
-def evaluate(context: Context, feed: Any, cbs: CallbackList, steps_per_execution: Any,
-             steps: int | None, *, progress: bool) -> dict | None:
+def evaluate(
+    context: Context,
+    feed: Any,
+    cbs: CallbackList,
+    steps_per_execution: Any,
+    steps: int | None,
+    *,
+    progress: bool,
+) -> dict | None:
     """One evaluation run with its test hooks; None when it saw no batch."""
     steps_per_execution = engine.steps_per_execution_for(cbs, engine.TEST, steps_per_execution)
     if isinstance(feed, feeds.EvalArrays):
-        program = context.program()
+        program = _current_program(context)
         pacer = _pacer(context, program, "eval", steps_per_execution)
         ts = context.get_state()
         segments: Any = feed.segments(program, ts.params, ts.state, pacer.fused, steps)
@@ -186,10 +262,12 @@ def evaluate(context: Context, feed: Any, cbs: CallbackList, steps_per_execution
         program = context.build(batches.first[0], batches.first[1])
         ts, step = context.get_state(), program.eval_step()
         segments = batches.segments(
-            lambda logs, b, i: step(ts.params, ts.state, logs, Batch(*b), i))
+            lambda logs, b, i: step(ts.params, ts.state, logs, Batch(*b), i)
+        )
         pacer = Pacer(1)
-    executor = engine.Executor(cbs, engine.TEST, pacer, read_logs=program.read_logs,
-                               progress=progress)
+    executor = engine.Executor(
+        cbs, engine.TEST, pacer, read_logs=program.read_logs, progress=progress
+    )
     return engine.evaluate(cbs, executor, segments, program.empty_logs, program.read_logs)
 
 
@@ -202,11 +280,18 @@ def _input_batch(batch: Any) -> Any:
     return jax.device_put(data_lib.to_numpy(batch))
 
 
-def predict(context: Context, x: Any, batch_size: int, steps: int | None, cbs: CallbackList,
-            steps_per_execution: Any, *, progress: bool) -> Any:
+def predict(
+    context: Context,
+    x: Any,
+    batch_size: int,
+    steps: int | None,
+    cbs: CallbackList,
+    steps_per_execution: Any,
+    *,
+    progress: bool,
+) -> Any:
     """Outputs for every row of ``x`` (arrays or an iterable of input batches)."""
-    steps_per_execution = engine.steps_per_execution_for(cbs, engine.PREDICT,
-                                                         steps_per_execution)
+    steps_per_execution = engine.steps_per_execution_for(cbs, engine.PREDICT, steps_per_execution)
     if isinstance(x, dict) or data_lib.is_array_tree(x):
         x = data_lib.to_numpy(x)
         feed = feeds.PredictArrays(x, batch_size, context.layout, steps)
@@ -214,8 +299,7 @@ def predict(context: Context, x: Any, batch_size: int, steps: int | None, cbs: C
         cbs.set_params({**cbs.params, "steps": feed.steps})
         ts = context.get_state()
         pacer = _pacer(context, program, "predict", steps_per_execution)
-        spec = program.output_spec(ts.params, ts.state,
-                                   data_lib.take_rows(x, 0, feed.batch_size))
+        spec = program.output_spec(ts.params, ts.state, data_lib.take_rows(x, 0, feed.batch_size))
         collector = feed.collector(spec)
         executor = engine.Executor(cbs, engine.PREDICT, pacer, progress=progress)
         cbs.on_predict_begin({})
@@ -228,8 +312,10 @@ def predict(context: Context, x: Any, batch_size: int, steps: int | None, cbs: C
         raise ValueError("Expected at least one batch to predict. Received: an empty iterable.")
     program = context.build(batches.first)
     ts, step = context.get_state(), program.predict_step()
-    segments = batches.segments(lambda outs, b, i: [*outs, step(ts.params, ts.state, b, i)],
-                                outputs=lambda outs, _s, _c: outs[-1])
+    segments = batches.segments(
+        lambda outs, b, i: [*outs, step(ts.params, ts.state, b, i)],
+        outputs=lambda outs, _s, _c: outs[-1],
+    )
     executor = engine.Executor(cbs, engine.PREDICT, Pacer(1), progress=progress)
     cbs.on_predict_begin({})
     outputs = jax.device_get(executor.run(segments, []))
@@ -240,16 +326,18 @@ def predict(context: Context, x: Any, batch_size: int, steps: int | None, cbs: C
 # --- single batches ------------------------------------------------------------------
 
 
-def _one_batch(context: Context, x: Any, y: Any, sample_weight: Any,
-               class_weight: Any) -> tuple[Program, Batch]:
+def _one_batch(
+    context: Context, x: Any, y: Any, sample_weight: Any, class_weight: Any
+) -> tuple[Program, Batch]:
     x, y, n = data_lib.checked_arrays(x, y, check_inputs=False)
     program = context.build(x, y)
     weights = data_lib.row_weights(n, y, sample_weight, class_weight)
     return program, Batch(*context.layout.device_batch((x, y, weights)))
 
 
-def train_on_batch(context: Context, x: Any, y: Any, sample_weight: Any,
-                   class_weight: Any) -> dict[str, float]:
+def train_on_batch(
+    context: Context, x: Any, y: Any, sample_weight: Any, class_weight: Any
+) -> dict[str, float]:
     program, batch = _one_batch(context, x, y, sample_weight, class_weight)
     ts = context.get_state()
     ts, logs = program.train_step(ts)(ts, program.empty_logs(), batch)
@@ -260,8 +348,9 @@ def train_on_batch(context: Context, x: Any, y: Any, sample_weight: Any,
 def test_on_batch(context: Context, x: Any, y: Any, sample_weight: Any) -> dict[str, float]:
     program, batch = _one_batch(context, x, y, sample_weight, None)
     ts = context.get_state()
-    return program.read_logs(program.eval_step()(ts.params, ts.state, program.empty_logs(),
-                                                 batch, 0))
+    return program.read_logs(
+        program.eval_step()(ts.params, ts.state, program.empty_logs(), batch, 0)
+    )
 
 
 def predict_on_batch(context: Context, x: Any) -> Any:

@@ -27,6 +27,7 @@ class ModelTree(NamedTuple):
     Paths read ``.params['linear']['w']``, ``.opt_state[0].mu['linear']['w']``, ``.rng``.
     A weights-only checkpoint leaves the last three ``None`` (no leaves).
     """
+
     params: Any
     state: Any
     opt_state: Any = None
@@ -36,6 +37,7 @@ class ModelTree(NamedTuple):
 
 class Progress(NamedTuple):
     """The training progress a full checkpoint restores besides the arrays."""
+
     epoch: int
     epochs_trained: int
     history_epoch: list
@@ -65,12 +67,21 @@ def decode_spec(encoded: Any) -> Any:
 
 
 def _key_json(key: jax.Array) -> dict:
-    return {"impl": str(jax.random.key_impl(key)),
-            "data": np.asarray(jax.random.key_data(key)).tolist()}
+    return {
+        "impl": str(jax.random.key_impl(key)),
+        "data": np.asarray(jax.random.key_data(key)).tolist(),
+    }
 
 
-def save(path: str | os.PathLike, ts: TrainState, *, weights_only: bool, input_spec: Any,
-         seed: jax.Array, progress: Progress) -> None:
+def save(
+    path: str | os.PathLike,
+    ts: TrainState,
+    *,
+    weights_only: bool,
+    input_spec: Any,
+    seed: jax.Array,
+    progress: Progress,
+) -> None:
     """Writes a model checkpoint atomically (only process 0 writes)."""
     if not is_main_process():
         return
@@ -78,18 +89,20 @@ def save(path: str | os.PathLike, ts: TrainState, *, weights_only: bool, input_s
         spec = encode_spec(input_spec)
     except TypeError:
         spec = None
-    metadata: dict[str, Any] = {"kind": "weights" if weights_only else "model",
-                                "input_spec": spec}
+    metadata: dict[str, Any] = {"kind": "weights" if weights_only else "model", "input_spec": spec}
     tree = ModelTree(ts.params, ts.state)
     if not weights_only:
         tree = ModelTree(ts.params, ts.state, ts.opt_state, ts.rng, ts.step)
         metadata.update(
-            epoch=int(progress.epoch), epochs_trained=int(progress.epochs_trained),
+            epoch=int(progress.epoch),
+            epochs_trained=int(progress.epochs_trained),
             step=int(ts.step),
-            history={"epoch": [int(e) for e in progress.history_epoch],
-                     "history": {k: [float(v) for v in vs]
-                                 for k, vs in progress.history.items()}},
-            seed=_key_json(seed))
+            history={
+                "epoch": [int(e) for e in progress.history_epoch],
+                "history": {k: [float(v) for v in vs] for k, vs in progress.history.items()},
+            },
+            seed=_key_json(seed),
+        )
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     os.makedirs(directory, exist_ok=True)
     checkpoint_lib.save_tree(path, tree, metadata=metadata)
@@ -105,17 +118,28 @@ def read(path: str | os.PathLike, *, weights_only: bool) -> tuple[dict, dict, An
     meta, arrays = checkpoint_lib.read(path)
     kind = meta.get("kind")
     if kind not in ("model", "weights"):
-        raise ValueError(f"{path!r} is an hkfit checkpoint of a pytree, not of a model; read it "
-                         "with hkfit.checkpoint.load_tree.")
+        raise ValueError(
+            f"{path!r} is an hkfit checkpoint of a pytree, not of a model; read it "
+            "with hkfit.checkpoint.load_tree."
+        )
     if kind == "weights" and not weights_only:
-        raise ValueError(f"{path!r} holds weights only (params and state), written by "
-                         "`save_weights`; load it with `model.load_weights(path)`.")
+        raise ValueError(
+            f"{path!r} holds weights only (params and state), written by "
+            "`save_weights`; load it with `model.load_weights(path)`."
+        )
     spec = meta.get("input_spec")
     return meta, arrays, None if spec is None else decode_spec(spec)
 
 
-def restore(path: str | os.PathLike, meta: dict, arrays: dict, ts: TrainState, *,
-            weights_only: bool, seed: jax.Array) -> tuple[TrainState, Progress | None]:
+def restore(
+    path: str | os.PathLike,
+    meta: dict,
+    arrays: dict,
+    ts: TrainState,
+    *,
+    weights_only: bool,
+    seed: jax.Array,
+) -> tuple[TrainState, Progress | None]:
     """The restored train state, and the progress of a full checkpoint.
 
     A full checkpoint whose optimizer state does not fit this model's optimizer (saved
@@ -124,8 +148,13 @@ def restore(path: str | os.PathLike, meta: dict, arrays: dict, ts: TrainState, *
     """
     path = os.fspath(path)
     if weights_only:
-        tree = checkpoint_lib.restore(ModelTree(ts.params, ts.state), meta, arrays, path=path,
-                                      ignore_extra_prefixes=(".opt_state", ".rng", ".step"))
+        tree = checkpoint_lib.restore(
+            ModelTree(ts.params, ts.state),
+            meta,
+            arrays,
+            path=path,
+            ignore_extra_prefixes=(".opt_state", ".rng", ".step"),
+        )
         return ts._replace(params=tree.params, state=tree.state), None
     try:
         tree = checkpoint_lib.restore(ModelTree(*ts), meta, arrays, path=path)
@@ -133,21 +162,31 @@ def restore(path: str | os.PathLike, meta: dict, arrays: dict, ts: TrainState, *
         if ".opt_state" not in str(err):
             raise
         partial = ModelTree(ts.params, ts.state, None, ts.rng, ts.step)
-        tree = checkpoint_lib.restore(partial, meta, arrays, path=path,
-                                      ignore_extra_prefixes=(".opt_state",))
+        tree = checkpoint_lib.restore(
+            partial, meta, arrays, path=path, ignore_extra_prefixes=(".opt_state",)
+        )
         tree = tree._replace(opt_state=ts.opt_state)
-        warnings.warn(f"{path!r} holds an optimizer state that does not fit this model's "
-                      "optimizer (it was saved with another one); params, state, step and "
-                      "history were restored and the optimizer state starts fresh. Use "
-                      "`load_weights` to say that only the weights matter.", stacklevel=4)
+        warnings.warn(
+            f"{path!r} holds an optimizer state that does not fit this model's "
+            "optimizer (it was saved with another one); params, state, step and "
+            "history were restored and the optimizer state starts fresh. Use "
+            "`load_weights` to say that only the weights matter.",
+            stacklevel=4,
+        )
     saved_seed = meta.get("seed")
     if saved_seed is not None and saved_seed.get("data") != _key_json(seed)["data"]:
-        warnings.warn(f"{path!r} was written by a model with a different seed; the shuffle "
-                      "order of later epochs follows this model's seed, so training does not "
-                      "continue exactly as the saved run would have.", stacklevel=4)
+        warnings.warn(
+            f"{path!r} was written by a model with a different seed; the shuffle "
+            "order of later epochs follows this model's seed, so training does not "
+            "continue exactly as the saved run would have.",
+            stacklevel=4,
+        )
     history = meta.get("history") or {}
     epoch = int(meta.get("epoch", 0))
-    progress = Progress(epoch, int(meta.get("epochs_trained", epoch)),
-                        [int(e) for e in history.get("epoch", [])],
-                        {k: [float(v) for v in vs] for k, vs in history.get("history", {}).items()})
+    progress = Progress(
+        epoch,
+        int(meta.get("epochs_trained", epoch)),
+        [int(e) for e in history.get("epoch", [])],
+        {k: [float(v) for v in vs] for k, vs in history.get("history", {}).items()},
+    )
     return TrainState(*tree), progress

@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 FORMAT = "hkfit-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "__hkfit_meta__"
@@ -68,6 +67,7 @@ def _dtype_from_name(name: str) -> np.dtype:
         return np.dtype(name)
     except TypeError:
         import ml_dtypes  # jax's own dependency; knows bfloat16, float8_*, int4...
+
         return np.dtype(getattr(ml_dtypes, name))
 
 
@@ -75,22 +75,26 @@ def _host_value(leaf: Any) -> Any:
     """The value of ``leaf`` on this host, also for arrays replicated across processes."""
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
         if not leaf.is_fully_replicated:
-            raise ValueError("Cannot save an array sharded across processes; hkfit checkpoints "
-                             f"hold replicated values. Received: an array of shape {leaf.shape} "
-                             f"with sharding {leaf.sharding}.")
+            raise ValueError(
+                "Cannot save an array sharded across processes; hkfit checkpoints "
+                f"hold replicated values. Received: an array of shape {leaf.shape} "
+                f"with sharding {leaf.sharding}."
+            )
         return leaf.addressable_shards[0].data
     return jax.device_get(leaf)
 
 
 def _to_numpy(leaf: Any) -> tuple[np.ndarray, dict]:
     """A host copy of ``leaf`` that ``np.load(allow_pickle=False)`` reads back, and its entry."""
-    entry = {"shape": list(_leaf_shape(leaf)), "dtype": _dtype_name(leaf)}
+    entry: dict[str, Any] = {"shape": list(_leaf_shape(leaf)), "dtype": _dtype_name(leaf)}
     if _is_key(leaf):
         entry["key_impl"] = str(jax.random.key_impl(leaf))
         leaf = jax.random.key_data(leaf)
     array = np.array(_host_value(leaf), copy=True)
     if array.dtype.hasobject:
-        raise TypeError(f"Expected numeric array leaves. Received: an object array of shape {array.shape}.")
+        raise TypeError(
+            f"Expected numeric array leaves. Received: an object array of shape {array.shape}."
+        )
     if entry["dtype"] != "prng_key" and array.dtype.name != entry["dtype"]:
         array = array.astype(_dtype_from_name(entry["dtype"]))  # Python scalars: as JAX sees them
     if array.dtype.isbuiltin != 1:  # ml_dtypes (bfloat16, ...): store the raw bits
@@ -127,16 +131,21 @@ def save_tree(path: str | os.PathLike, tree: Any, *, metadata: dict | None = Non
     meta = dict(metadata or {})
     clash = sorted(set(meta) & set(_RESERVED))
     if clash:
-        raise ValueError(f"Expected `metadata` without the reserved keys {list(_RESERVED)}. "
-                         f"Received: {clash}.")
-    meta.update(format=FORMAT, format_version=FORMAT_VERSION, hkfit_version=_hkfit_version(),
-                entries=entries)
+        raise ValueError(
+            f"Expected `metadata` without the reserved keys {list(_RESERVED)}. Received: {clash}."
+        )
+    meta.update(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        hkfit_version=_hkfit_version(),
+        entries=entries,
+    )
     try:
         text = json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise TypeError(f"Expected JSON-serializable `metadata`. Received an error: {e}.") from None
     arrays[META_KEY] = np.frombuffer(text.encode("utf-8"), np.uint8)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # numpy stub
 
 
 def atomic_write(path: str, write) -> None:
@@ -210,21 +219,30 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     except ValueError as e:
         message = str(e)
         if "pickle" in message.lower() and _is_zip(path):
-            raise ValueError(f"Refusing to load {path!r}: it holds a pickled Python object (an "
-                             "object array). hkfit checkpoints hold numeric arrays and JSON only, "
-                             "and loading never unpickles.") from None
+            raise ValueError(
+                f"Refusing to load {path!r}: it holds a pickled Python object (an "
+                "object array). hkfit checkpoints hold numeric arrays and JSON only, "
+                "and loading never unpickles."
+            ) from None
         if "pickle" in message.lower():
-            raise ValueError(f"Refusing to load {path!r}: it is not an .npz archive (a pickle "
-                             "file or unknown data). hkfit never unpickles files.") from None
+            raise ValueError(
+                f"Refusing to load {path!r}: it is not an .npz archive (a pickle "
+                "file or unknown data). hkfit never unpickles files."
+            ) from None
         raise ValueError(f"{path!r} is not a valid hkfit checkpoint: {message}.") from None
     except (zipfile.BadZipFile, EOFError, OSError, KeyError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path!r} is not a readable hkfit checkpoint (truncated or corrupted "
-                         f"file): {type(e).__name__}: {e}.") from None
+        raise ValueError(
+            f"{path!r} is not a readable hkfit checkpoint (truncated or corrupted "
+            f"file): {type(e).__name__}: {e}."
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not an hkfit checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r}).")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path!r} is not an hkfit checkpoint (format {found!r}).")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path!r} uses checkpoint format version {meta['format_version']}; this "
-                         f"hkfit reads versions <= {FORMAT_VERSION}. Upgrade hkfit.")
+        raise ValueError(
+            f"{path!r} uses checkpoint format version {meta['format_version']}; this "
+            f"hkfit reads versions <= {FORMAT_VERSION}. Upgrade hkfit."
+        )
     for entry in meta.get("entries", []):
         array = arrays.get(entry.get("key"))
         if array is None:
@@ -261,15 +279,18 @@ def _placed_like(arrays: list[np.ndarray], leaves: list[Any]) -> list:
     tree hits its compilation cache (committed and uncommitted arrays compile separately).
     """
     live = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
-    out = list(arrays)
+    out: list[Any] = list(arrays)
     if live:
         placed = _adopt_all([arrays[i] for i in live], [leaves[i] for i in live])
         for i, value in zip(live, placed):
             out[i] = value
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, jax.Array):
-            out[i] = (jax.random.wrap_key_data(jnp.asarray(arrays[i]), impl=jax.random.key_impl(leaf))
-                      if _is_key(leaf) else jnp.asarray(arrays[i]))
+            out[i] = (
+                jax.random.wrap_key_data(jnp.asarray(arrays[i]), impl=jax.random.key_impl(leaf))
+                if _is_key(leaf)
+                else jnp.asarray(arrays[i])
+            )
     return out
 
 
@@ -277,8 +298,14 @@ def _describe(shape, dtype) -> str:
     return "absent" if shape is None else f"shape {tuple(shape)} {dtype}"
 
 
-def restore(target: Any, meta: dict, arrays: dict[str, np.ndarray], *, path: str = "checkpoint",
-            ignore_extra_prefixes: tuple[str, ...] = ()) -> Any:
+def restore(
+    target: Any,
+    meta: dict,
+    arrays: dict[str, np.ndarray],
+    *,
+    path: str = "checkpoint",
+    ignore_extra_prefixes: tuple[str, ...] = (),
+) -> Any:
     """Fills the structure of ``target`` with the arrays of a checkpoint read by :func:`read`.
 
     Leaves are matched by tree path. Arrays are placed like the ``target`` leaves (same
@@ -309,18 +336,23 @@ def restore(target: Any, meta: dict, arrays: dict[str, np.ndarray], *, path: str
                 f"The checkpoint {path!r} does not match the model at {name}: the checkpoint "
                 f"has {_describe(got, entry and entry['dtype'])}, the model has "
                 f"{_describe(shape, dtype)}. Load it into a model built from the same forward "
-                "function, optimizer and input shapes.")
+                "function, optimizer and input shapes."
+            )
         array = _entry_array(entry, arrays)
         if _is_key(leaf):
             expected = _leaf_shape(jax.eval_shape(jax.random.key_data, leaf))
             if array.shape != expected:
-                raise ValueError(f"The checkpoint {path!r} does not match the model at {name}: "
-                                 f"its key data has shape {array.shape}, the model's key "
-                                 f"{expected} ({entry.get('key_impl')} vs "
-                                 f"{jax.random.key_impl(leaf)}).")
+                raise ValueError(
+                    f"The checkpoint {path!r} does not match the model at {name}: "
+                    f"its key data has shape {array.shape}, the model's key "
+                    f"{expected} ({entry.get('key_impl')} vs "
+                    f"{jax.random.key_impl(leaf)})."
+                )
         elif array.shape != shape:
-            raise ValueError(f"{path!r} is corrupted: the array of {name} has shape "
-                             f"{array.shape}, its metadata says {shape}.")
+            raise ValueError(
+                f"{path!r} is corrupted: the array of {name} has shape "
+                f"{array.shape}, its metadata says {shape}."
+            )
         restored.append(array)
     for name, entry in saved.items():
         if name not in wanted and not name.startswith(ignore_extra_prefixes):
@@ -328,8 +360,11 @@ def restore(target: Any, meta: dict, arrays: dict[str, np.ndarray], *, path: str
                 f"The checkpoint {path!r} does not match the model at {name}: the checkpoint "
                 f"has {_describe(entry['shape'], entry['dtype'])}, the model has "
                 f"{_describe(None, None)}. Load it into a model built from the same forward "
-                "function, optimizer and input shapes.")
-    return jax.tree_util.tree_unflatten(treedef, _placed_like(restored, [leaf for _, leaf in leaves]))
+                "function, optimizer and input shapes."
+            )
+    return jax.tree_util.tree_unflatten(
+        treedef, _placed_like(restored, [leaf for _, leaf in leaves])
+    )
 
 
 def load_tree(path: str | os.PathLike, target: Any) -> tuple[Any, dict]:

@@ -26,9 +26,14 @@ __all__ = ["DataParallel", "ShardingRules", "initialize", "is_main_process"]
 # --- Multi-host ----------------------------------------------------------------------------
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, cpu_collectives: str | None = "gloo",
-               **kwargs: Any) -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str | None = "gloo",
+    **kwargs: Any,
+) -> None:
     """Joins this process to a multi-process run (``jax.distributed.initialize``).
 
     Call it at the start of every process, before any other JAX call. On CPU it also
@@ -51,8 +56,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """
     if cpu_collectives is not None:
         _compat.set_cpu_collectives(cpu_collectives)
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id, **kwargs)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        **kwargs,
+    )
 
 
 def is_main_process() -> bool:

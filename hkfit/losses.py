@@ -9,7 +9,7 @@ The crossentropy losses take *logits*, as Keras does with ``from_logits=True``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,8 @@ def match_trailing_unit(y_true: jax.Array, y_pred: jax.Array):
 def sparse_categorical_crossentropy(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
     """Softmax crossentropy from logits ``[b, ..., classes]`` and integer labels ``[b, ...]``."""
     losses = optax.losses.softmax_cross_entropy_with_integer_labels(
-            y_pred, jnp.asarray(y_true).astype(jnp.int32))
+        y_pred, jnp.asarray(y_true).astype(jnp.int32)
+    )
     return _mean_over_features(losses)
 
 
@@ -68,18 +69,19 @@ def huber(y_true: jax.Array, y_pred: jax.Array, delta: float = 1.0) -> jax.Array
     """Huber loss per example (``delta=1``, as Keras)."""
     y_true = match_trailing_unit(y_true, y_pred)
     return _mean_over_features(
-            optax.losses.huber_loss(y_pred, y_true.astype(y_pred.dtype), delta=delta))
+        optax.losses.huber_loss(y_pred, y_true.astype(y_pred.dtype), delta=delta)
+    )
 
 
 _LOSSES: dict[str, LossFn] = {
-        "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
-        "categorical_crossentropy": categorical_crossentropy,
-        "binary_crossentropy": binary_crossentropy,
-        "mse": mse,
-        "mean_squared_error": mse,
-        "mae": mae,
-        "mean_absolute_error": mae,
-        "huber": huber,
+    "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
+    "categorical_crossentropy": categorical_crossentropy,
+    "binary_crossentropy": binary_crossentropy,
+    "mse": mse,
+    "mean_squared_error": mse,
+    "mae": mae,
+    "mean_absolute_error": mae,
+    "huber": huber,
 }
 
 
@@ -102,13 +104,17 @@ def get(loss: str | LossFn) -> LossFn:
     """
     if isinstance(loss, str):
         if loss not in _LOSSES:
-            raise ValueError(f"Unknown `loss` name. Expected one of {sorted(_LOSSES)} or a "
-                                              f"callable (y_true, y_pred) -> per-example losses. Received: loss={loss!r}.")
+            raise ValueError(
+                f"Unknown `loss` name. Expected one of {sorted(_LOSSES)} or a "
+                f"callable (y_true, y_pred) -> per-example losses. Received: loss={loss!r}."
+            )
         return _LOSSES[loss]
     if callable(loss):
         return loss
-    raise TypeError("Expected `loss` to be a loss name or a callable (y_true, y_pred) -> "
-                                    f"per-example losses. Received: loss={loss!r} of type {type(loss).__name__}.")
+    raise TypeError(
+        "Expected `loss` to be a loss name or a callable (y_true, y_pred) -> "
+        f"per-example losses. Received: loss={loss!r} of type {type(loss).__name__}."
+    )
 
 
 def names() -> list[str]:
@@ -125,8 +131,10 @@ def _shape_problem(name: str | None, y_shape, out_shape) -> str | None:
         if out_shape[:-1] != y_shape:
             return "integer labels of shape [batch, ...] and logits of shape [batch, ..., classes]"
         return None
-    if y_shape == out_shape or (name != "categorical_crossentropy" and (
-            y_shape + (1,) == out_shape or y_shape == out_shape + (1,))):
+    if y_shape == out_shape or (
+        name != "categorical_crossentropy"
+        and (y_shape + (1,) == out_shape or y_shape == out_shape + (1,))
+    ):
         return None
     return "labels and outputs of the same shape"
 
@@ -156,5 +164,6 @@ def check_output(loss: str | LossFn, y_pred, y_true) -> None:
     if problem:
         raise ValueError(
             f"The output of `forward` does not match `y` for loss={loss!r}: it needs {problem}. "
-            f"Received: forward output shape {out_shape} for {rows} rows, y shape {y_shape}. Change the last layer or the labels (e.g. one-hot vs "
-            "integer labels).")
+            f"Received: forward output shape {out_shape} for {rows} rows, y shape {y_shape}. "
+            "Change the last layer or the labels (e.g. one-hot vs integer labels)."
+        )

@@ -15,7 +15,8 @@ can be passed in ``Model(metrics=[...])``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,9 @@ MetricFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 class MeanState(NamedTuple):
     """Running weighted sum of values and of weights."""
+
     total: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, on purpose
 
 
 class Mean:
@@ -141,8 +143,9 @@ def names() -> list[str]:
     return sorted([*_NAMED, *_ACCURACY_ALIASES])
 
 
-def _resolve_accuracy(y_true_shape: Sequence[int], y_pred_shape: Sequence[int],
-                      loss_name: str | None) -> MetricFn:
+def _resolve_accuracy(
+    y_true_shape: Sequence[int], y_pred_shape: Sequence[int], loss_name: str | None
+) -> MetricFn:
     """Picks sparse / categorical / binary accuracy from the label and output shapes."""
     if len(y_pred_shape) >= 2 and y_pred_shape[-1] > 1:
         if tuple(y_true_shape) == tuple(y_pred_shape):
@@ -153,8 +156,13 @@ def _resolve_accuracy(y_true_shape: Sequence[int], y_pred_shape: Sequence[int],
     return lambda t, p: binary_accuracy(t, p, threshold=0.5)
 
 
-def get(metric: Any, *, y_true_shape: Sequence[int] = (), y_pred_shape: Sequence[int] = (),
-        loss_name: str | None = None):
+def get(
+    metric: Any,
+    *,
+    y_true_shape: Sequence[int] = (),
+    y_pred_shape: Sequence[int] = (),
+    loss_name: str | None = None,
+):
     """Resolves one entry of ``Model(metrics=...)`` to a metric object.
 
     Args:
@@ -176,8 +184,11 @@ def get(metric: Any, *, y_true_shape: Sequence[int] = (), y_pred_shape: Sequence
         if metric in _ACCURACY_ALIASES:
             return Mean(_resolve_accuracy(y_true_shape, y_pred_shape, loss_name), metric)
         if metric not in _NAMED:
-            raise ValueError(f"Unknown metric name in `metrics`. Expected one of {names()}, a "
-                             "callable or a metric object. Received: " f"{metric!r}.")
+            raise ValueError(
+                f"Unknown metric name in `metrics`. Expected one of {names()}, a "
+                "callable or a metric object. Received: "
+                f"{metric!r}."
+            )
         return Mean(_NAMED[metric], metric)
     if all(hasattr(metric, attr) for attr in ("empty", "update", "merge", "compute")):
         if not hasattr(metric, "name"):
@@ -185,6 +196,8 @@ def get(metric: Any, *, y_true_shape: Sequence[int] = (), y_pred_shape: Sequence
         return metric
     if callable(metric):
         return Mean(metric, getattr(metric, "__name__", type(metric).__name__))
-    raise TypeError("Expected each entry of `metrics` to be a name, a callable (y_true, y_pred) "
-                    "-> per-example values, or an object with empty/update/merge/compute. "
-                    f"Received: {metric!r} of type {type(metric).__name__}.")
+    raise TypeError(
+        "Expected each entry of `metrics` to be a name, a callable (y_true, y_pred) "
+        "-> per-example values, or an object with empty/update/merge/compute. "
+        f"Received: {metric!r} of type {type(metric).__name__}."
+    )

@@ -10,15 +10,15 @@ runs no loop of its own.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkfit import _args
-from hkfit import _compat
+from hkfit import _args, _compat
 from hkfit import _data as data_lib
 from hkfit import _engine as engine
 from hkfit import _forward as forward_lib
@@ -96,10 +96,19 @@ class Model:
     (8, 1)
     """
 
-    def __init__(self, forward: Any, *, loss: Any, optimizer: Any = "adam",
-                 metrics: Sequence[Any] = (), seed: Any = 0, distribution: Any = None):
-        self._forward = (forward if isinstance(forward, forward_lib.Forward)
-                         else forward_lib.wrap(forward))
+    def __init__(
+        self,
+        forward: Any,
+        *,
+        loss: Any,
+        optimizer: Any = "adam",
+        metrics: Sequence[Any] = (),
+        seed: Any = 0,
+        distribution: Any = None,
+    ):
+        self._forward = (
+            forward if isinstance(forward, forward_lib.Forward) else forward_lib.wrap(forward)
+        )
         self._loss_name = loss if isinstance(loss, str) else None
         self.loss = loss
         self._loss_fn = losses_lib.get(loss)
@@ -170,14 +179,16 @@ class Model:
         """
         value = optimizers_lib.learning_rate(self._require_built("learning_rate").opt_state)
         if value is None:
-            raise ValueError(f"{optimizers_lib.NO_LEARNING_RATE} Received: Model(optimizer="
-                             f"{self.optimizer!r}).")
+            raise ValueError(
+                f"{optimizers_lib.NO_LEARNING_RATE} Received: Model(optimizer={self.optimizer!r})."
+            )
         return value
 
     @learning_rate.setter
     def learning_rate(self, value: float) -> None:
         self.opt_state = optimizers_lib.set_learning_rate(
-            self._require_built("learning_rate").opt_state, value)
+            self._require_built("learning_rate").opt_state, value
+        )
 
     def apply_fn(self, params: Any, state: Any, x: Any) -> Any:
         """Pure inference: ``apply_fn(model.params, model.state, x) -> y``.
@@ -199,12 +210,18 @@ class Model:
           ValueError / TypeError: if an axis is 0 or not an int / None.
         """
         forward = multiview_lib.vmapped_forward(self._forward, in_axes, out_axes)
-        inner = Model(forward, loss=self.loss, optimizer=self.optimizer,
-                      metrics=self._metric_specs, seed=self._key, distribution=self.distribution)
+        inner = Model(
+            forward,
+            loss=self.loss,
+            optimizer=self.optimizer,
+            metrics=self._metric_specs,
+            seed=self._key,
+            distribution=self.distribution,
+        )
         inner._slot = self._slot  # the view reads and writes the parent's train state
         return multiview_lib.ModelView(self, inner, in_axes, out_axes)
 
-    def init(self, x: Any) -> "Model":
+    def init(self, x: Any) -> Model:
         """Creates parameters, state and optimizer state from an example batch ``x``.
 
         Does nothing if the model already has parameters.
@@ -212,14 +229,17 @@ class Model:
         x = data_lib.to_numpy(x)
         if self._input_spec is None:
             self._input_spec = jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype), x)
+                lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype), x
+            )
         if self._slot.ts is None:
             sample = data_lib.take_rows(x, 0, min(8, data_lib.num_rows(x, "x")))
-            params, state = _compat.run_compiled_once(self._forward.init, self._stream(_INIT),
-                                                      sample)
+            params, state = _compat.run_compiled_once(
+                self._forward.init, self._stream(_INIT), sample
+            )
             opt_state = self.optimizer.init(params)
-            self._slot.ts = self._layout.place_state(TrainState(
-                params, state, opt_state, self._stream(_TRAIN), jnp.zeros((), jnp.int32)))
+            self._slot.ts = self._layout.place_state(
+                TrainState(params, state, opt_state, self._stream(_TRAIN), jnp.zeros((), jnp.int32))
+            )
         return self
 
     def _build(self, x: Any, y: Any = None) -> Program:
@@ -228,42 +248,72 @@ class Model:
         signature = (_args.signature(x), None if y is None else _args.signature(y))
         if signature not in self._checked:
             data_lib.check_input_spec(x, self._input_spec)
-            out = jax.eval_shape(self.apply_fn, self.params, self.state,
-                                 data_lib.take_rows(x, 0, 2))
+            out = jax.eval_shape(
+                self.apply_fn, self.params, self.state, data_lib.take_rows(x, 0, 2)
+            )
             if y is not None:
                 sample_y = data_lib.take_rows(y, 0, 2)
                 losses_lib.check_output(self.loss, out, sample_y)
                 if self._metrics is None:
                     y_shape = np.shape(sample_y) if data_lib.is_array(sample_y) else ()
-                    self._metrics = [metrics_lib.get(m, y_true_shape=y_shape,
-                                                     y_pred_shape=getattr(out, "shape", ()),
-                                                     loss_name=self._loss_name)
-                                     for m in self._metric_specs]
+                    self._metrics = [
+                        metrics_lib.get(
+                            m,
+                            y_true_shape=y_shape,
+                            y_pred_shape=getattr(out, "shape", ()),
+                            loss_name=self._loss_name,
+                        )
+                        for m in self._metric_specs
+                    ]
                     self._program = None
             self._checked.add(signature)
         if self._program is None:
-            self._program = Program(self._forward, self._loss_fn, self.optimizer, self._metrics,
-                                    self._layout, self._stream(_INFER))
+            self._program = Program(
+                self._forward,
+                self._loss_fn,
+                self.optimizer,
+                self._metrics,
+                self._layout,
+                self._stream(_INFER),
+            )
         return self._program
 
     def _context(self) -> runs.Context:
         """What the run functions need from the model, passed down explicitly."""
-        return runs.Context(layout=self._layout, build=self._build,
-                            program=lambda: self._program, built=lambda: self.built,
-                            get_state=lambda: self._require_built("fit"),
-                            set_state=lambda ts: setattr(self._slot, "ts", ts),
-                            example=lambda: zeros_like_spec(self._input_spec),
-                            shuffle_key=self._stream(_SHUFFLE))
+        return runs.Context(
+            layout=self._layout,
+            build=self._build,
+            program=lambda: self._program,
+            built=lambda: self.built,
+            get_state=lambda: self._require_built("fit"),
+            set_state=lambda ts: setattr(self._slot, "ts", ts),
+            example=lambda: zeros_like_spec(self._input_spec),
+            shuffle_key=self._stream(_SHUFFLE),
+        )
 
     # --- fit / evaluate / predict --------------------------------------------------------
 
-    def fit(self, x: Any, y: Any = None, *, batch_size: int = 32, epochs: int = 1,
-            verbose: Any = "auto", callbacks: Sequence[callbacks_lib.Callback] | None = None,
-            validation_split: float = 0.0, validation_data: Any = None, shuffle: bool = True,
-            class_weight: dict | None = None, sample_weight: Any = None, initial_epoch: int = 0,
-            steps_per_epoch: int | None = None, validation_batch_size: int | None = None,
-            validation_freq: Any = 1, steps_per_execution: Any = "auto",
-            check_inputs: bool = True) -> callbacks_lib.History:
+    def fit(
+        self,
+        x: Any,
+        y: Any = None,
+        *,
+        batch_size: int = 32,
+        epochs: int = 1,
+        verbose: Any = "auto",
+        callbacks: Sequence[callbacks_lib.Callback] | None = None,
+        validation_split: float = 0.0,
+        validation_data: Any = None,
+        shuffle: bool = True,
+        class_weight: dict | None = None,
+        sample_weight: Any = None,
+        initial_epoch: int = 0,
+        steps_per_epoch: int | None = None,
+        validation_batch_size: int | None = None,
+        validation_freq: Any = 1,
+        steps_per_execution: Any = "auto",
+        check_inputs: bool = True,
+    ) -> callbacks_lib.History:
         """Trains for the epochs numbered ``initial_epoch, ..., epochs - 1``.
 
         Args:
@@ -301,41 +351,73 @@ class Model:
         Raises:
           ValueError / TypeError: on invalid arguments or data, before any step runs.
         """
-        args = _args.fit_args(batch_size=batch_size, epochs=epochs, verbose=verbose,
-                              initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                              validation_split=validation_split,
-                              validation_batch_size=validation_batch_size,
-                              validation_freq=validation_freq,
-                              steps_per_execution=steps_per_execution)
+        args = _args.fit_args(
+            batch_size=batch_size,
+            epochs=epochs,
+            verbose=verbose,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_split=validation_split,
+            validation_batch_size=validation_batch_size,
+            validation_freq=validation_freq,
+            steps_per_execution=steps_per_execution,
+        )
         context = self._context()
-        train, val = runs.fit_feeds(context, x, y, args, shuffle=shuffle,
-                                    class_weight=class_weight, sample_weight=sample_weight,
-                                    validation_data=validation_data, check_inputs=check_inputs)
+        train, val = runs.fit_feeds(
+            context,
+            x,
+            y,
+            args,
+            shuffle=shuffle,
+            class_weight=class_weight,
+            sample_weight=sample_weight,
+            validation_data=validation_data,
+            check_inputs=check_inputs,
+        )
         history = callbacks_lib.History()
-        cbs = runs.callback_list([history, *(callbacks or [])], self, args.verbose,
-                                 {"epochs": args.epochs, "steps": train.steps})
+        cbs = runs.callback_list(
+            [history, *(callbacks or [])],
+            self,
+            args.verbose,
+            {"epochs": args.epochs, "steps": train.steps},
+        )
         self.history, self.stop_training, self.initial_epoch = history, False, args.initial_epoch
 
         def end_epoch(epoch: int, logs: dict) -> None:
             self.epoch = epoch + 1
             self._epochs_trained += 1
-            rate = optimizers_lib.learning_rate(self._slot.ts.opt_state)
+            rate = optimizers_lib.learning_rate(self._require_built("fit").opt_state)
             if rate is not None:
                 logs["learning_rate"] = rate
 
         plan = engine.FitPlan(
-            cbs, args.epochs, lambda: self.initial_epoch,
-            lambda epoch: runs.train_epoch(context, train, cbs, args, epoch, self._epochs_trained,
-                                           lambda: self.stop_training),
+            cbs,
+            args.epochs,
+            lambda: self.initial_epoch,
+            lambda epoch: runs.train_epoch(
+                context, train, cbs, args, epoch, self._epochs_trained, lambda: self.stop_training
+            ),
             lambda epoch: runs.validate(context, val, cbs, args, epoch),
-            end_epoch, lambda: self.stop_training, lambda: train.exhausted)
+            end_epoch,
+            lambda: self.stop_training,
+            lambda: train.exhausted,
+        )
         engine.fit(plan)
         return history
 
-    def evaluate(self, x: Any, y: Any = None, *, batch_size: int = 32, verbose: Any = "auto",
-                 sample_weight: Any = None, steps: int | None = None,
-                 callbacks: Sequence[callbacks_lib.Callback] | None = None,
-                 steps_per_execution: Any = "auto", check_inputs: bool = True) -> dict[str, float]:
+    def evaluate(
+        self,
+        x: Any,
+        y: Any = None,
+        *,
+        batch_size: int = 32,
+        verbose: Any = "auto",
+        sample_weight: Any = None,
+        steps: int | None = None,
+        callbacks: Sequence[callbacks_lib.Callback] | None = None,
+        steps_per_execution: Any = "auto",
+        check_inputs: bool = True,
+    ) -> dict[str, float]:
         """Loss and metrics over every row of ``x`` (weighted by ``sample_weight``).
 
         Exact: the last partial batch is padded with zero-weight rows, never dropped.
@@ -362,18 +444,30 @@ class Model:
         _args.check_steps_per_execution(steps_per_execution)
         verbose = callbacks_lib.resolve_verbose(verbose)
         context = self._context()
-        feed = runs.eval_feed(context, x, y, sample_weight, batch_size, check_inputs,
-                              resident=False)
-        cbs = runs.callback_list(callbacks or [], self, verbose, {"steps": runs.steps_of(feed, steps)})
+        feed = runs.eval_feed(
+            context, x, y, sample_weight, batch_size, check_inputs, resident=False
+        )
+        cbs = runs.callback_list(
+            callbacks or [], self, verbose, {"steps": runs.steps_of(feed, steps)}
+        )
         logs = runs.evaluate(context, feed, cbs, steps_per_execution, steps, progress=verbose == 1)
         if logs is None:
-            raise ValueError("Expected at least one batch to evaluate. Received: `x` that "
-                             "yielded no batch (an empty or used-up iterable).")
+            raise ValueError(
+                "Expected at least one batch to evaluate. Received: `x` that "
+                "yielded no batch (an empty or used-up iterable)."
+            )
         return logs
 
-    def predict(self, x: Any, *, batch_size: int = 32, verbose: Any = 0, steps: int | None = None,
-                callbacks: Sequence[callbacks_lib.Callback] | None = None,
-                steps_per_execution: Any = "auto") -> Any:
+    def predict(
+        self,
+        x: Any,
+        *,
+        batch_size: int = 32,
+        verbose: Any = 0,
+        steps: int | None = None,
+        callbacks: Sequence[callbacks_lib.Callback] | None = None,
+        steps_per_execution: Any = "auto",
+    ) -> Any:
         """Model outputs in inference mode, exactly one row per input row.
 
         For a deterministic forward, equal to ``model.apply_fn(model.params, model.state,
@@ -398,13 +492,15 @@ class Model:
         _args.check_steps_per_execution(steps_per_execution)
         verbose = callbacks_lib.resolve_verbose(verbose)
         cbs = runs.callback_list(callbacks or [], self, verbose, {"steps": steps})
-        return runs.predict(self._context(), x, batch_size, steps, cbs, steps_per_execution,
-                            progress=verbose == 1)
+        return runs.predict(
+            self._context(), x, batch_size, steps, cbs, steps_per_execution, progress=verbose == 1
+        )
 
     # --- single batches -----------------------------------------------------------------
 
-    def train_on_batch(self, x: Any, y: Any, *, sample_weight: Any = None,
-                       class_weight: dict | None = None) -> dict[str, float]:
+    def train_on_batch(
+        self, x: Any, y: Any, *, sample_weight: Any = None, class_weight: dict | None = None
+    ) -> dict[str, float]:
         """One optimizer step on one batch; returns that batch's loss and metrics."""
         return runs.train_on_batch(self._context(), x, y, sample_weight, class_weight)
 
@@ -419,22 +515,36 @@ class Model:
     # --- save / load --------------------------------------------------------------------
 
     def _save(self, path: str, weights_only: bool) -> None:
-        progress = saving.Progress(self.epoch, self._epochs_trained, self.history.epoch,
-                                   self.history.history)
-        saving.save(path, self._require_built("save_weights" if weights_only else "save"),
-                    weights_only=weights_only, input_spec=self._input_spec, seed=self._key,
-                    progress=progress)
+        progress = saving.Progress(
+            self.epoch, self._epochs_trained, self.history.epoch, self.history.history
+        )
+        saving.save(
+            path,
+            self._require_built("save_weights" if weights_only else "save"),
+            weights_only=weights_only,
+            input_spec=self._input_spec,
+            seed=self._key,
+            progress=progress,
+        )
 
     def _load(self, path: str, weights_only: bool) -> None:
         meta, arrays, example = saving.read(path, weights_only=weights_only)
         if not self.built:
             if example is None:
-                raise ValueError(f"Loading {path!r} into a model without parameters needs the "
-                                 "input spec stored in the checkpoint, and this one has none. "
-                                 "Call `model.init(x)` with an example batch first.")
+                raise ValueError(
+                    f"Loading {path!r} into a model without parameters needs the "
+                    "input spec stored in the checkpoint, and this one has none. "
+                    "Call `model.init(x)` with an example batch first."
+                )
             self.init(example)
-        ts, progress = saving.restore(path, meta, arrays, self._slot.ts,
-                                      weights_only=weights_only, seed=self._key)
+        ts, progress = saving.restore(
+            path,
+            meta,
+            arrays,
+            self._require_built("load"),
+            weights_only=weights_only,
+            seed=self._key,
+        )
         self._slot.ts = ts
         if progress is not None:
             self.epoch, self._epochs_trained = progress.epoch, progress.epochs_trained
@@ -448,7 +558,7 @@ class Model:
         """
         self._save(path, weights_only=False)
 
-    def load(self, path: str) -> "Model":
+    def load(self, path: str) -> Model:
         """Restores a file written by :meth:`save` (also into a never-initialized model).
 
         A checkpoint saved with another optimizer (e.g. for inference or fine-tuning)
@@ -466,7 +576,7 @@ class Model:
         """Writes params and state only (atomically, arrays and JSON, never pickle)."""
         self._save(path, weights_only=True)
 
-    def load_weights(self, path: str) -> "Model":
+    def load_weights(self, path: str) -> Model:
         """Restores params and state from a file written by :meth:`save_weights` or :meth:`save`."""
         self._load(path, weights_only=True)
         return self
@@ -479,9 +589,12 @@ class Model:
         """
         ts = self._require_built("summary")
         table = hk.experimental.tabulate(self._forward.transformed)(
-            zeros_like_spec(self._input_spec))
-        text = (f"{table}\nTotal params: {_args.count(ts.params):,}\n"
-                f"Total state: {_args.count(ts.state):,}\n")
+            zeros_like_spec(self._input_spec)
+        )
+        text = (
+            f"{table}\nTotal params: {_args.count(ts.params):,}\n"
+            f"Total state: {_args.count(ts.state):,}\n"
+        )
         if print_fn is not None:
             print_fn(text)
         return text

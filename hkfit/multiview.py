@@ -17,7 +17,8 @@ views axis, and negative axes count from the end of the full array.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import haiku as hk
 import jax
@@ -44,11 +45,15 @@ _tree = jax.tree_util
 def _normalize_axis(axis: int, ndim: int, name: str, where: str) -> int:
     """``axis`` of an array of rank ``ndim`` as a non-negative int that is not the batch axis."""
     if not -ndim <= axis < ndim:
-        raise ValueError(f"Expected `{name}` in [-{ndim}, {ndim}) for an {where} of rank {ndim}. "
-                         f"Received: {name}={axis}.")
+        raise ValueError(
+            f"Expected `{name}` in [-{ndim}, {ndim}) for an {where} of rank {ndim}. "
+            f"Received: {name}={axis}."
+        )
     if axis % ndim == 0:
-        raise ValueError(f"Expected `{name}` to be a views axis other than the batch axis 0. "
-                         f"Received: {name}={axis}, which is axis 0 of an {where} of rank {ndim}.")
+        raise ValueError(
+            f"Expected `{name}` to be a views axis other than the batch axis 0. "
+            f"Received: {name}={axis}, which is axis 0 of an {where} of rank {ndim}."
+        )
     return axis % ndim
 
 
@@ -57,14 +62,19 @@ def _check_axes_spec(axes: Any, name: str, allow_all_none: bool) -> None:
     leaves = _tree.tree_leaves(axes, is_leaf=lambda a: a is None)
     for leaf in leaves:
         if leaf is not None and (isinstance(leaf, bool) or not isinstance(leaf, (int, np.integer))):
-            raise TypeError(f"Expected `{name}` to be an int, None, or a pytree of them. "
-                            f"Received: {name}={axes!r}.")
+            raise TypeError(
+                f"Expected `{name}` to be an int, None, or a pytree of them. "
+                f"Received: {name}={axes!r}."
+            )
         if leaf is not None and int(leaf) == 0:
-            raise ValueError(f"Expected `{name}` to name axes other than 0: axis 0 is the batch "
-                             f"axis (one row per example). Received: {name}={axes!r}.")
+            raise ValueError(
+                f"Expected `{name}` to name axes other than 0: axis 0 is the batch "
+                f"axis (one row per example). Received: {name}={axes!r}."
+            )
     if not allow_all_none and all(leaf is None for leaf in leaves):
-        raise ValueError(f"Expected at least one mapped (non-None) axis in `{name}`. "
-                         f"Received: {name}={axes!r}.")
+        raise ValueError(
+            f"Expected at least one mapped (non-None) axis in `{name}`. Received: {name}={axes!r}."
+        )
 
 
 def _leaf_axes(axes: Any, tree: PyTree, name: str, where: str) -> PyTree:
@@ -72,17 +82,24 @@ def _leaf_axes(axes: Any, tree: PyTree, name: str, where: str) -> PyTree:
 
     def expand(axis, subtree):
         return _tree.tree_map(
-            lambda leaf: None if axis is None else _normalize_axis(
-                int(axis), len(np.shape(leaf)), name, where), subtree)
+            lambda leaf: (
+                None
+                if axis is None
+                else _normalize_axis(int(axis), len(np.shape(leaf)), name, where)
+            ),
+            subtree,
+        )
 
     try:
         return _tree.tree_map(expand, axes, tree, is_leaf=lambda a: a is None)
     except (ValueError, TypeError) as err:
         if f"`{name}`" in str(err):
             raise
-        raise ValueError(f"Expected `{name}` to be an int, None, or a pytree prefix of the "
-                         f"{where}s. Received: {name}={axes!r} for {where}s of structure "
-                         f"{_tree.tree_structure(tree)}.") from err
+        raise ValueError(
+            f"Expected `{name}` to be an int, None, or a pytree prefix of the "
+            f"{where}s. Received: {name}={axes!r} for {where}s of structure "
+            f"{_tree.tree_structure(tree)}."
+        ) from err
 
 
 def _views_size(axes: PyTree, tree: PyTree, name: str) -> int:
@@ -93,12 +110,16 @@ def _views_size(axes: PyTree, tree: PyTree, name: str) -> int:
         if axis is not None:
             sizes[f"x{_tree.keystr(path)}"] = (axis, np.shape(leaf)[axis])
     if not sizes:
-        raise ValueError(f"Expected `{name}` to map at least one array of the input. "
-                         "Received: every array unmapped.")
+        raise ValueError(
+            f"Expected `{name}` to map at least one array of the input. "
+            "Received: every array unmapped."
+        )
     if len({size for _, size in sizes.values()}) > 1:
         listed = ", ".join(f"{k} axis {a} of size {s}" for k, (a, s) in sizes.items())
-        raise ValueError(f"Expected every axis mapped by `{name}` to have the same size (the "
-                         f"number of views). Received: {listed}.")
+        raise ValueError(
+            f"Expected every axis mapped by `{name}` to have the same size (the "
+            f"number of views). Received: {listed}."
+        )
     return next(iter(sizes.values()))[1]
 
 
@@ -154,22 +175,29 @@ def multiview(forward: Callable, *, axis: int = -1, pool: str | None = "max") ->
     ...                     loss="sparse_categorical_crossentropy")   # x: [batch, H, W, C, views]
     """
     if not callable(forward):
-        raise TypeError("Expected `forward` to be a function using Haiku modules. Received: "
-                        f"{forward!r} of type {type(forward).__name__}.")
+        raise TypeError(
+            "Expected `forward` to be a function using Haiku modules. Received: "
+            f"{forward!r} of type {type(forward).__name__}."
+        )
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"Expected `axis` to be an int (the views axis). Received: axis={axis!r}.")
     axis = int(axis)
     if axis == 0:
-        raise ValueError("Expected `axis` to be a views axis other than 0: axis 0 is the batch "
-                         "axis (one row per example). Received: axis=0.")
+        raise ValueError(
+            "Expected `axis` to be a views axis other than 0: axis 0 is the batch "
+            "axis (one row per example). Received: axis=0."
+        )
     if not (pool is None or (isinstance(pool, str) and pool in _POOLS)):
-        raise ValueError(f"Expected `pool` to be one of 'max', 'mean' or None. Received: pool={pool!r}.")
+        raise ValueError(
+            f"Expected `pool` to be one of 'max', 'mean' or None. Received: pool={pool!r}."
+        )
 
     def run(x, per_view):
         axes = _leaf_axes(axis, x, "axis", "input")
         _views_size(axes, x, "axis")
-        mapped = hk.vmap(per_view, in_axes=(axes,), out_axes=-1, axis_name=VIEWS_AXIS,
-                         split_rng=False)
+        mapped = hk.vmap(
+            per_view, in_axes=(axes,), out_axes=-1, axis_name=VIEWS_AXIS, split_rng=False
+        )
         try:
             y = mapped(x)
         except ValueError as err:
@@ -178,9 +206,11 @@ def multiview(forward: Callable, *, axis: int = -1, pool: str | None = "max") ->
             raise ValueError(
                 "The forward function updates Haiku state (e.g. hk.BatchNorm moving averages) "
                 "differently for each view, but the views share one state. Reduce over the "
-                f"views too: hk.BatchNorm(..., cross_replica_axis={VIEWS_AXIS!r}).") from err
+                f"views too: hk.BatchNorm(..., cross_replica_axis={VIEWS_AXIS!r})."
+            ) from err
         return _pool(y, pool)
 
+    multiview_forward: Callable[..., Any]
     if forward_lib.takes_is_training(forward):
 
         def multiview_forward(x, is_training):
@@ -191,15 +221,19 @@ def multiview(forward: Callable, *, axis: int = -1, pool: str | None = "max") ->
             return run(x, forward)
 
     multiview_forward.__name__ = f"multiview_{getattr(forward, '__name__', 'forward')}"
-    multiview_forward.__doc__ = (f"`{getattr(forward, '__name__', 'forward')}` on every view along "
-                                 f"axis={axis}, pooled with pool={pool!r}.")
+    multiview_forward.__doc__ = (
+        f"`{getattr(forward, '__name__', 'forward')}` on every view along "
+        f"axis={axis}, pooled with pool={pool!r}."
+    )
     return multiview_forward
 
 
 # --- Model.vmap(): a view of a trained model --------------------------------------------
 
 
-def vmapped_forward(forward: forward_lib.Forward, in_axes: Any, out_axes: Any) -> forward_lib.Forward:
+def vmapped_forward(
+    forward: forward_lib.Forward, in_axes: Any, out_axes: Any
+) -> forward_lib.Forward:
     """``forward`` whose inference maps ``in_axes`` -> ``out_axes`` with ``jax.vmap``.
 
     Its ``init`` initializes on the first view; it does not train.
@@ -216,8 +250,9 @@ def vmapped_forward(forward: forward_lib.Forward, in_axes: Any, out_axes: Any) -
         mapped = jax.vmap(forward.apply_eval, in_axes=(None, None, None, axes))
         views_first = jax.eval_shape(mapped, params, state, rng, x)
         out = _leaf_axes(out_axes, views_first, "out_axes", "output")
-        return jax.vmap(forward.apply_eval, in_axes=(None, None, None, axes),
-                        out_axes=out)(params, state, rng, x)
+        return jax.vmap(forward.apply_eval, in_axes=(None, None, None, axes), out_axes=out)(
+            params, state, rng, x
+        )
 
     def init(rng, x):
         return forward.init(rng, first_view(x, in_axes))
@@ -307,7 +342,7 @@ class ModelView:
         """
         return self._inner.apply_fn(params, state, x)
 
-    def init(self, x: Any) -> "ModelView":
+    def init(self, x: Any) -> ModelView:
         """Initializes the parent (if needed) on the first view of ``x``."""
         if not self._parent.built:
             self._parent.init(first_view(x, self.in_axes))
@@ -334,9 +369,11 @@ class ModelView:
         return self._inner.test_on_batch(x, y, **kwargs)
 
     def _no_training(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("A model view made by `Model.vmap` runs `predict` and `evaluate` only. "
-                        "Train the parent model (`view.parent.fit(...)`; the view sees the new "
-                        "parameters), or train a multi-view model built with `hkfit.multiview`.")
+        raise TypeError(
+            "A model view made by `Model.vmap` runs `predict` and `evaluate` only. "
+            "Train the parent model (`view.parent.fit(...)`; the view sees the new "
+            "parameters), or train a multi-view model built with `hkfit.multiview`."
+        )
 
     fit = _no_training
     train_on_batch = _no_training

@@ -40,14 +40,18 @@ def get(optimizer: Any) -> optax.GradientTransformation:
     """
     if isinstance(optimizer, str):
         if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"Unknown `optimizer` name. Expected one of {names()} or an "
-                             f"optax.GradientTransformation. Received: optimizer={optimizer!r}.")
+            raise ValueError(
+                f"Unknown `optimizer` name. Expected one of {names()} or an "
+                f"optax.GradientTransformation. Received: optimizer={optimizer!r}."
+            )
         make, learning_rate = _OPTIMIZERS[optimizer]
         return optax.inject_hyperparams(make)(learning_rate=learning_rate)
     if callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None)):
         return optimizer
-    raise TypeError("Expected `optimizer` to be a name or an optax.GradientTransformation. "
-                    f"Received: {optimizer!r} of type {type(optimizer).__name__}.")
+    raise TypeError(
+        "Expected `optimizer` to be a name or an optax.GradientTransformation. "
+        f"Received: {optimizer!r} of type {type(optimizer).__name__}."
+    )
 
 
 def learning_rate(opt_state: Any) -> float | None:
@@ -62,7 +66,8 @@ def learning_rate(opt_state: Any) -> float | None:
 NO_LEARNING_RATE = (
     "The optimizer has no injected learning rate to read or change. Build it with "
     "`optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)` (any optax optimizer works the "
-    "same way; the names 'adam', 'adamw', 'sgd' and 'rmsprop' already are built so).")
+    "same way; the names 'adam', 'adamw', 'sgd' and 'rmsprop' already are built so)."
+)
 
 
 def set_learning_rate(opt_state: Any, value: float) -> Any:
@@ -99,12 +104,15 @@ def set_learning_rate(opt_state: Any, value: float) -> Any:
     except (TypeError, ValueError):
         number = float("nan")
     if number is not None and (not math.isfinite(number) or number < 0):
-        raise ValueError("Expected `learning_rate` to be a finite number >= 0. "
-                         f"Received: learning_rate={value!r}.")
+        raise ValueError(
+            "Expected `learning_rate` to be a finite number >= 0. "
+            f"Received: learning_rate={value!r}."
+        )
     new_state, found = _replace_learning_rate(opt_state, value if number is None else number)
     if not found:
-        raise ValueError(f"{NO_LEARNING_RATE} Received: an optimizer state of type "
-                         f"{type(opt_state).__name__}.")
+        raise ValueError(
+            f"{NO_LEARNING_RATE} Received: an optimizer state of type {type(opt_state).__name__}."
+        )
     return new_state
 
 
@@ -125,8 +133,9 @@ def _replace_learning_rate(tree: Any, value: float) -> tuple[Any, bool]:
             new_child, found = _replace_learning_rate(child, value)
             if found:
                 children[i] = new_child
-                return (type(tree)(*children) if hasattr(tree, "_fields")
-                        else type(tree)(children)), True
+                return (
+                    type(tree)(*children) if hasattr(tree, "_fields") else type(tree)(children)
+                ), True
     return tree, False
 
 

@@ -17,10 +17,12 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hkfit import metrics as metrics_lib
@@ -40,6 +42,7 @@ class TrainState(NamedTuple):
       rng: the training key; step ``s`` draws from ``fold_in(rng, s)``.
       step: number of optimizer steps taken (int32 scalar).
     """
+
     params: PyTree
     state: PyTree
     opt_state: PyTree
@@ -48,10 +51,11 @@ class TrainState(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """One batch: inputs, targets and per-row weights (0 marks padding)."""
+    """One batch: inputs, targets and per-row weights (0 marks padding), on host or device."""
+
     x: PyTree
     y: PyTree
-    weights: jax.Array
+    weights: jax.Array | np.ndarray
 
 
 LOSS_METRIC = metrics_lib.Mean(lambda _, values: values, "loss")
@@ -62,8 +66,9 @@ def empty_logs(metrics: Sequence[Any]) -> tuple:
     return (LOSS_METRIC.empty(), *(m.empty() for m in metrics))
 
 
-def update_logs(logs: tuple, metrics: Sequence[Any], batch: Batch, y_pred: PyTree,
-                per_example_loss: jax.Array) -> tuple:
+def update_logs(
+    logs: tuple, metrics: Sequence[Any], batch: Batch, y_pred: PyTree, per_example_loss: jax.Array
+) -> tuple:
     """Adds one batch to the metric states."""
     loss_state = LOSS_METRIC.update(logs[0], None, per_example_loss, batch.weights)
     others = tuple(m.update(s, batch.y, y_pred, batch.weights) for m, s in zip(metrics, logs[1:]))
@@ -88,8 +93,12 @@ def gather(tree: PyTree, rows: jax.Array) -> PyTree:
     return jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0), tree)
 
 
-def make_train_step(apply_train: ApplyTrain, loss_fn: Callable, optimizer: optax.GradientTransformation,
-                    metrics: Sequence[Any] = ()) -> Callable:
+def make_train_step(
+    apply_train: ApplyTrain,
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    metrics: Sequence[Any] = (),
+) -> Callable:
     """Builds ``train_step(ts, logs, batch) -> (ts, logs)`` for one batch.
 
     Args:
@@ -119,8 +128,9 @@ def make_train_step(apply_train: ApplyTrain, loss_fn: Callable, optimizer: optax
     return train_step
 
 
-def make_eval_step(apply_eval: Callable, loss_fn: Callable, metrics: Sequence[Any] = (), *,
-                   keyed: bool = False) -> Callable:
+def make_eval_step(
+    apply_eval: Callable, loss_fn: Callable, metrics: Sequence[Any] = (), *, keyed: bool = False
+) -> Callable:
     """Builds ``eval_step(params, state, logs, batch) -> logs`` for one batch.
 
     With ``keyed=True``, ``apply_eval`` is ``(params, state, rng, x) -> y_pred`` and the
@@ -159,8 +169,9 @@ def _identity(tree: PyTree) -> PyTree:
     return tree
 
 
-def make_fused_train(train_step: Callable, fuse: bool = True,
-                     shard_batch: Callable | None = None) -> Callable:
+def make_fused_train(
+    train_step: Callable, fuse: bool = True, shard_batch: Callable | None = None
+) -> Callable:
     """Runs many training steps per call over a dataset that lives on the device.
 
     The returned ``run(ts, logs, data, idx, start, count)`` takes ``data = Batch(x, y,
@@ -192,7 +203,9 @@ def make_fused_train(train_step: Callable, fuse: bool = True,
     def run(ts, logs, data: Batch, idx, start, count):
         if not fuse:
             return one(ts, logs, data, idx, start)
-        return jax.lax.fori_loop(0, count, lambda j, c: one(*c, data, idx, start + j), (ts, logs))
+        return jax.lax.fori_loop(
+            0, count, lambda j, c: one(c[0], c[1], data, idx, start + j), (ts, logs)
+        )
 
     return run
 
@@ -218,9 +231,15 @@ def num_rows_of(tree: PyTree) -> int:
     return jax.tree_util.tree_leaves(tree)[0].shape[0]
 
 
-def make_fused_eval(eval_step: Callable, batch_size: int, fuse: bool = True,
-                    shard_batch: Callable | None = None, multiple: int = 1, *,
-                    keyed: bool = False) -> Callable:
+def make_fused_eval(
+    eval_step: Callable,
+    batch_size: int,
+    fuse: bool = True,
+    shard_batch: Callable | None = None,
+    multiple: int = 1,
+    *,
+    keyed: bool = False,
+) -> Callable:
     """``run(params, state, logs, data, start, count) -> logs`` over batches of a dataset.
 
     With ``keyed=True`` (a keyed ``eval_step``) the signature is ``run(params, state, rng,
@@ -254,12 +273,19 @@ def make_fused_eval(eval_step: Callable, batch_size: int, fuse: bool = True,
     if keyed:
         return run_keyed
     return lambda params, state, logs, data, start, count: run_keyed(
-        params, state, None, 0, logs, data, start, count)
+        params, state, None, 0, logs, data, start, count
+    )
 
 
-def make_fused_predict(predict_step: Callable, batch_size: int, fuse: bool = True,
-                       shard_batch: Callable | None = None, multiple: int = 1, *,
-                       keyed: bool = False) -> Callable:
+def make_fused_predict(
+    predict_step: Callable,
+    batch_size: int,
+    fuse: bool = True,
+    shard_batch: Callable | None = None,
+    multiple: int = 1,
+    *,
+    keyed: bool = False,
+) -> Callable:
     """``run(params, state, out, x, start, count) -> out`` writing predictions into ``out``.
 
     With ``keyed=True`` (a keyed ``predict_step``): ``run(params, state, rng, offset, out,
@@ -283,12 +309,16 @@ def make_fused_predict(predict_step: Callable, batch_size: int, fuse: bool = Tru
             first_row = (start + j) * batch_size
             return jax.tree_util.tree_map(
                 lambda o, v: jax.lax.dynamic_update_slice_in_dim(
-                    o, v[:batch_size].astype(o.dtype), first_row, 0),
-                out, y)
+                    o, v[:batch_size].astype(o.dtype), first_row, 0
+                ),
+                out,
+                y,
+            )
 
         return jax.lax.fori_loop(0, count, body, out) if fuse else body(0, out)
 
     if keyed:
         return run_keyed
     return lambda params, state, out, x, start, count: run_keyed(
-        params, state, None, 0, out, x, start, count)
+        params, state, None, 0, out, x, start, count
+    )

@@ -49,7 +49,7 @@ def test_no_import_cycle():
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"
@@ -66,9 +66,13 @@ def test_only_model_reads_private_members_of_other_objects():
         if name == "hkfit.model":
             continue
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
-                    and not node.attr.startswith("__") and node.attr not in NAMEDTUPLE_API
-                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and node.attr not in NAMEDTUPLE_API
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            ):
                 offenders.append(f"{name}:{node.lineno} .{node.attr}")
     assert not offenders, offenders
 
@@ -87,19 +91,34 @@ def test_no_module_imports_a_private_name_of_another():
 
 
 def test_distribution_none_is_nowhere():
-    hits = [str(path) for path in PACKAGE.rglob("*.py")
-            if "distribution is None" in path.read_text()
-            or "distribution is not None" in path.read_text()]
+    hits = [
+        str(path)
+        for path in PACKAGE.rglob("*.py")
+        if "distribution is None" in path.read_text()
+        or "distribution is not None" in path.read_text()
+    ]
     assert not hits, hits
 
 
 def test_public_surface():
     import types
+
     assert all(hasattr(hkfit, name) for name in hkfit.__all__)
-    exported = {name for name in dir(hkfit) if not name.startswith("_")
-                and not isinstance(getattr(hkfit, name), types.ModuleType)}
+    exported = {
+        name
+        for name in dir(hkfit)
+        if not name.startswith("_") and not isinstance(getattr(hkfit, name), types.ModuleType)
+    }
     assert exported <= set(hkfit.__all__), exported - set(hkfit.__all__)
-    for module in ("callbacks", "checkpoint", "distributed", "losses", "metrics",
-                   "optimizers", "step", "testing"):
+    for module in (
+        "callbacks",
+        "checkpoint",
+        "distributed",
+        "losses",
+        "metrics",
+        "optimizers",
+        "step",
+        "testing",
+    ):
         __import__(f"hkfit.{module}")
     assert (PACKAGE / "py.typed").exists()

@@ -19,8 +19,8 @@ import pytest
 
 import hkfit
 from hkfit import callbacks as C
-from hkfit import checkpoint
-from hkfit import optimizers
+from hkfit import checkpoint, optimizers
+
 
 def counting_loss(y_true, y_pred):
     return optax.softmax_cross_entropy_with_integer_labels(y_pred, y_true)
@@ -33,9 +33,13 @@ def compilations(caplog, run):
     with caplog.at_level(logging.WARNING), jax.log_compiles(True):
         run()
     helpers = ("_where", "_adopt_all")  # logged as "jit(_where)" on JAX >= 0.7, "_where" before
-    return sum(r.getMessage().startswith("Compiling") and not any(
-        f"Compiling {h} " in r.getMessage() or f"jit({h})" in r.getMessage() for h in helpers)
-        for r in caplog.records)
+    return sum(
+        r.getMessage().startswith("Compiling")
+        and not any(
+            f"Compiling {h} " in r.getMessage() or f"jit({h})" in r.getMessage() for h in helpers
+        )
+        for r in caplog.records
+    )
 
 
 def forward(x, is_training):
@@ -133,15 +137,18 @@ def drive(callback, values, monitor="val_loss", fake=None):
 # --- EarlyStopping -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values, kwargs, stopped, best_epoch", [
-    ([5, 4, 3, 3.5, 3.6, 3.7, 2], dict(patience=2), 4, 2),
-    ([5, 4, 3, 3.5], dict(patience=10), 0, 2),
-    ([1.0, 0.95, 0.9], dict(patience=1, min_delta=0.1), 1, 0),
-    ([1, 1, 1, 1], dict(patience=2), 2, 0),
-    ([1, 1, 1, 1], dict(patience=2, baseline=0.5), 1, 0),
-    ([1, 9, 5, 6], dict(patience=1), 1, 0),
-    ([1, 9, 5, 6], dict(patience=1, start_from_epoch=2), 3, 2),
-])
+@pytest.mark.parametrize(
+    "values, kwargs, stopped, best_epoch",
+    [
+        ([5, 4, 3, 3.5, 3.6, 3.7, 2], dict(patience=2), 4, 2),
+        ([5, 4, 3, 3.5], dict(patience=10), 0, 2),
+        ([1.0, 0.95, 0.9], dict(patience=1, min_delta=0.1), 1, 0),
+        ([1, 1, 1, 1], dict(patience=2), 2, 0),
+        ([1, 1, 1, 1], dict(patience=2, baseline=0.5), 1, 0),
+        ([1, 9, 5, 6], dict(patience=1), 1, 0),
+        ([1, 9, 5, 6], dict(patience=1, start_from_epoch=2), 3, 2),
+    ],
+)
 def test_early_stopping_logic(values, kwargs, stopped, best_epoch):
     es = C.EarlyStopping(restore_best_weights=True, **kwargs)
     ran, _, fake = drive(es, values)
@@ -177,10 +184,13 @@ def test_early_stopping_rejects_bad_arguments():
         C.EarlyStopping(patience=-1)
 
 
-@pytest.mark.parametrize("values, epochs_run, stopped, best", [
-    ([3, 2, 1.5, 2.5, 2.6, 2.7, 2.8, 2.9], 5, 4, 2),  # stops at epoch 4
-    ([3, 2, 1.5, 2.5], 4, 0, 2),                      # never stops: still restored
-])
+@pytest.mark.parametrize(
+    "values, epochs_run, stopped, best",
+    [
+        ([3, 2, 1.5, 2.5, 2.6, 2.7, 2.8, 2.9], 5, 4, 2),  # stops at epoch 4
+        ([3, 2, 1.5, 2.5], 4, 0, 2),  # never stops: still restored
+    ],
+)
 def test_early_stopping_restores_real_weights(model, values, epochs_run, stopped, best):
     snaps = Snapshots()
     es = C.EarlyStopping(monitor="fake", patience=2, restore_best_weights=True)
@@ -188,8 +198,9 @@ def test_early_stopping_restores_real_weights(model, values, epochs_run, stopped
     assert len(history.epoch) == epochs_run and es.stopped_epoch == stopped
     assert es.best_epoch == best
     chex.assert_trees_all_equal(weights_of(model), snaps.at[best])
-    assert not jax.tree_util.tree_all(jax.tree_util.tree_map(
-        np.array_equal, snaps.at[best], snaps.at[epochs_run - 1]))
+    assert not jax.tree_util.tree_all(
+        jax.tree_util.tree_map(np.array_equal, snaps.at[best], snaps.at[epochs_run - 1])
+    )
     model.predict(X[:2])  # the restored buffers are alive (not donated)
 
 
@@ -200,7 +211,9 @@ def test_checkpoint_file_names_from_logs(model, tmp_path):
     pattern = str(tmp_path / "m-{epoch:02d}-{val_loss:.4f}.npz")
     cb = C.ModelCheckpoint(pattern)
     history = fit(model, [cb], epochs=2)
-    expected = [f"m-{e + 1:02d}-{v:.4f}.npz" for e, v in zip(history.epoch, history.history["val_loss"])]
+    expected = [
+        f"m-{e + 1:02d}-{v:.4f}.npz" for e, v in zip(history.epoch, history.history["val_loss"])
+    ]
     assert sorted(os.listdir(tmp_path)) == expected
     assert checkpoint.read(tmp_path / expected[-1])[0]["kind"] == "model"
     assert cb.last_saved == str(tmp_path / expected[-1])
@@ -214,14 +227,20 @@ def test_load_does_not_recompile(model, tmp_path, caplog):
 
 def test_checkpoint_best_only_keeps_the_best(model, tmp_path):
     snaps = Snapshots()
-    cb = C.ModelCheckpoint(str(tmp_path / "best-{epoch}.npz"), monitor="fake",
-                           save_best_only=True, save_weights_only=True)
+    cb = C.ModelCheckpoint(
+        str(tmp_path / "best-{epoch}.npz"),
+        monitor="fake",
+        save_best_only=True,
+        save_weights_only=True,
+    )
     fit(model, [inject([3, 1, 2, 0.5]), snaps, cb], epochs=4)
     assert sorted(os.listdir(tmp_path)) == ["best-1.npz", "best-2.npz", "best-4.npz"]
     assert checkpoint.read(tmp_path / "best-4.npz")[0]["kind"] == "weights"
     single = C.ModelCheckpoint(str(tmp_path / "single.npz"), monitor="fake", save_best_only=True)
     fit(model, [inject([3, 1, 2, 4]), snaps, single], epochs=4)
-    restored = hkfit.Model(forward, loss=counting_loss, optimizer="sgd").load(tmp_path / "single.npz")
+    restored = hkfit.Model(forward, loss=counting_loss, optimizer="sgd").load(
+        tmp_path / "single.npz"
+    )
     chex.assert_trees_all_equal(weights_of(restored), snaps.at[1])
     assert restored.epoch == 2
 
@@ -284,8 +303,8 @@ def read_scalars(run_dir):
             raw = f.read()
         offset = 0
         while offset < len(raw):
-            (length,) = struct.unpack("<Q", raw[offset:offset + 8])
-            event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+            (length,) = struct.unpack("<Q", raw[offset : offset + 8])
+            event = event_pb2.Event.FromString(raw[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -321,15 +340,23 @@ def test_terminate_on_nan_stops_at_the_bad_batch():
     x[5, 0] = -1.0  # finite input, NaN output: in the second batch of 4
     y = np.zeros((16, 1), np.float32)
     model = hkfit.Model(log_forward, loss="mse", optimizer="sgd")
-    history = model.fit(x, y, epochs=3, batch_size=4, shuffle=False, verbose=0,
-                        steps_per_execution=1, callbacks=[C.TerminateOnNaN()])
+    history = model.fit(
+        x,
+        y,
+        epochs=3,
+        batch_size=4,
+        shuffle=False,
+        verbose=0,
+        steps_per_execution=1,
+        callbacks=[C.TerminateOnNaN()],
+    )
     assert model.step == 2 and history.epoch == [0]
     assert np.isnan(history.history["loss"][0])
 
 
 def test_lambda_callback_calls_every_hook(model):
     calls = []
-    record = lambda name: (lambda *args: calls.append((name, *args)))
+    record = lambda name: lambda *args: calls.append((name, *args))
     names = [n for n in C.base.HOOKS]
     cb = C.LambdaCallback(**{n: record(n) for n in names})
     assert cb.wants_batch_logs()
@@ -338,9 +365,9 @@ def test_lambda_callback_calls_every_hook(model):
     model.predict(X, batch_size=8, callbacks=[cb])
     seen = [c[0] for c in calls]
     assert set(seen) == set(names)
-    epoch_end = [c for c in calls if c[0] == "on_epoch_end"][0]
+    epoch_end = next(c for c in calls if c[0] == "on_epoch_end")
     assert epoch_end[1] == 0 and "loss" in epoch_end[2] and "val_loss" in epoch_end[2]
-    assert [c for c in calls if c[0] == "on_train_begin"][0] == ("on_train_begin", {})  # as Keras
+    assert next(c for c in calls if c[0] == "on_train_begin") == ("on_train_begin", {})  # as Keras
     assert [c[1] for c in calls if c[0] == "on_train_batch_end"] == [2]  # 3 batches, one call
 
 
@@ -356,11 +383,11 @@ def test_lambda_callback_rejects_unknown_and_non_callables():
 
 
 class SetLearningRateTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_pure_and_keeps_dtype(self):
-        optimizer = optax.chain(optax.clip(1.0),
-                                optax.inject_hyperparams(optax.adam)(learning_rate=0.1))
+        optimizer = optax.chain(
+            optax.clip(1.0), optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
+        )
         state = optimizer.init({"w": jnp.zeros(3)})
         new = self.variant(optimizers.set_learning_rate)(state, 0.25)
         assert optimizers.learning_rate(new) == 0.25
@@ -387,19 +414,26 @@ def test_scheduler_changes_lr_in_history_without_recompiling(model, caplog):
     scheduler = C.LearningRateScheduler(lambda epoch, lr: 0.01 * (epoch + 1))
     assert compilations(caplog, lambda: histories.append(fit(model, [scheduler]))) == 0
     assert histories[0].history["learning_rate"] == [float(np.float32(0.01 * k)) for k in (1, 2, 3)]
-    one_arg = fit(model, [C.LearningRateScheduler(lambda epoch: 0.5 ** epoch)], epochs=3)
+    one_arg = fit(model, [C.LearningRateScheduler(lambda epoch: 0.5**epoch)], epochs=3)
     assert one_arg.history["learning_rate"] == [1.0, 0.5, 0.25]
 
 
 def test_scheduler_on_iterable_source_with_fresh_model():
     def batches():
         for i in range(0, 32, 8):
-            yield X[i:i + 8], Y[i:i + 8]
+            yield X[i : i + 8], Y[i : i + 8]
 
-    fresh = hkfit.Model(hk.transform(lambda x: hk.Linear(3)(x)),
-                        loss="sparse_categorical_crossentropy", optimizer="sgd")
-    history = fresh.fit(_Reiterable(batches), epochs=2, verbose=0,
-                        callbacks=[C.LearningRateScheduler(lambda epoch, lr: 0.125 * (epoch + 1))])
+    fresh = hkfit.Model(
+        hk.transform(lambda x: hk.Linear(3)(x)),
+        loss="sparse_categorical_crossentropy",
+        optimizer="sgd",
+    )
+    history = fresh.fit(
+        _Reiterable(batches),
+        epochs=2,
+        verbose=0,
+        callbacks=[C.LearningRateScheduler(lambda epoch, lr: 0.125 * (epoch + 1))],
+    )
     assert history.history["learning_rate"] == [0.125, 0.25]
 
 
@@ -424,12 +458,15 @@ def test_scheduler_errors(model):
         drive(C.ReduceLROnPlateau(patience=0), [1, 2], fake=fake)
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    (dict(patience=2), [1, 1, 1, 0.5, 0.5, 0.25]),
-    (dict(patience=1), [1, 1, 0.5, 0.25, 0.125, 0.0625]),
-    (dict(patience=1, cooldown=2), [1, 1, 0.5, 0.5, 0.25, 0.25]),
-    (dict(patience=2, min_lr=0.3), [1, 1, 1, 0.5, 0.5, 0.3]),
-])
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(patience=2), [1, 1, 1, 0.5, 0.5, 0.25]),
+        (dict(patience=1), [1, 1, 0.5, 0.25, 0.125, 0.0625]),
+        (dict(patience=1, cooldown=2), [1, 1, 0.5, 0.5, 0.25, 0.25]),
+        (dict(patience=2, min_lr=0.3), [1, 1, 1, 0.5, 0.5, 0.3]),
+    ],
+)
 def test_reduce_lr_on_plateau_logic(kwargs, expected):
     cb = C.ReduceLROnPlateau(factor=0.5, **kwargs)
     _, rates, _ = drive(cb, [5] * 6)

@@ -46,8 +46,14 @@ def _mlp_forward(x):
 
 
 def _model(forward=_bn_forward, distribution=None):
-    return hkfit.Model(forward, loss="sparse_categorical_crossentropy", optimizer=optax.sgd(0.1),
-                       metrics=["accuracy"], seed=0, distribution=distribution)
+    return hkfit.Model(
+        forward,
+        loss="sparse_categorical_crossentropy",
+        optimizer=optax.sgd(0.1),
+        metrics=["accuracy"],
+        seed=0,
+        distribution=distribution,
+    )
 
 
 def _history_close(a, b):
@@ -63,11 +69,15 @@ def runs():
     out = {}
     for name, dist in (("single", None), ("dp", hkfit.DataParallel())):
         model = _model(distribution=dist)
-        history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=True, verbose=0,
-                            validation_split=0.1)
-        out[name] = dict(model=model, history=history,
-                         evaluate=model.evaluate(x, y, batch_size=30, verbose=0),
-                         predict=model.predict(x, batch_size=30))
+        history = model.fit(
+            x, y, batch_size=BATCH, epochs=2, shuffle=True, verbose=0, validation_split=0.1
+        )
+        out[name] = dict(
+            model=model,
+            history=history,
+            evaluate=model.evaluate(x, y, batch_size=30, verbose=0),
+            predict=model.predict(x, batch_size=30),
+        )
     return out
 
 
@@ -80,16 +90,18 @@ def test_eight_devices():
 @pytest.mark.slow
 def test_fit_matches_single_device(runs):
     single, dp = runs["single"]["model"], runs["dp"]["model"]
-    chex.assert_trees_all_close(jax.device_get(dp.params), jax.device_get(single.params),
-                                atol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(dp.params), jax.device_get(single.params), atol=1e-5)
     # 182 training rows: 11 batches of 16 and a last one of 6 rows per epoch, all trained on
     assert dp.step == single.step == 2 * 12
 
 
 @pytest.mark.slow
 def test_batchnorm_statistics_are_global(runs):
-    chex.assert_trees_all_close(jax.device_get(runs["dp"]["model"].state),
-                                jax.device_get(runs["single"]["model"].state), atol=1e-5)
+    chex.assert_trees_all_close(
+        jax.device_get(runs["dp"]["model"].state),
+        jax.device_get(runs["single"]["model"].state),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.slow
@@ -107,7 +119,7 @@ def test_evaluate_and_predict_exact_on_uneven_data(runs):
     model = dp["model"]
     whole = model.apply_fn(model.params, model.state, jnp.asarray(_data()[0]))
     chex.assert_trees_all_close(dp["predict"], np.asarray(whole), atol=1e-5)
-    x, y = _data()
+    _, y = _data()
     accuracy = np.mean(np.argmax(dp["predict"], -1) == y)
     assert dp["evaluate"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
 
@@ -137,8 +149,7 @@ def test_last_partial_batch_is_trained_on():
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert dp.step == 1
     assert not np.allclose(before["linear"]["w"], np.asarray(dp.params["linear"]["w"]))
-    chex.assert_trees_all_close(jax.device_get(dp.params), jax.device_get(single.params),
-                                atol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(dp.params), jax.device_get(single.params), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -147,29 +158,30 @@ def test_iterable_fit_matches_single_device():
 
     def batches():
         for start in range(0, len(x), BATCH):
-            yield x[start:start + BATCH], y[start:start + BATCH]
+            yield x[start : start + BATCH], y[start : start + BATCH]
 
     single, dp = _model(_mlp_forward), _model(_mlp_forward, hkfit.DataParallel())
     logs = [m.fit(batches(), epochs=1, verbose=0) for m in (single, dp)]
     _history_close(logs[1], logs[0])
     assert dp.step == 3
-    chex.assert_trees_all_close(jax.device_get(dp.params), jax.device_get(single.params),
-                                atol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(dp.params), jax.device_get(single.params), atol=1e-5)
 
 
 @pytest.mark.slow
 def test_param_sharding_on_2d_mesh():
     x, y = _data(64)
-    dp = hkfit.DataParallel(mesh_shape={"data": 4, "model": 2},
-                            param_sharding=[(r"^linear/w$", P(None, "model"))])
+    dp = hkfit.DataParallel(
+        mesh_shape={"data": 4, "model": 2}, param_sharding=[(r"^linear/w$", P(None, "model"))]
+    )
     single, sharded = _model(_mlp_forward), _model(_mlp_forward, dp)
     for model in (single, sharded):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=True)
     w = sharded.params["linear"]["w"]
     assert w.sharding.is_equivalent_to(jax.sharding.NamedSharding(dp.mesh, P(None, "model")), 2)
     assert w.addressable_shards[0].data.shape == (5, 4)
-    chex.assert_trees_all_close(jax.device_get(sharded.params), jax.device_get(single.params),
-                                atol=1e-5)
+    chex.assert_trees_all_close(
+        jax.device_get(sharded.params), jax.device_get(single.params), atol=1e-5
+    )
 
 
 # --- Bad input ----------------------------------------------------------------------------
@@ -178,8 +190,11 @@ def test_param_sharding_on_2d_mesh():
 def test_indivisible_batch_size_suggests_nearest():
     x, y = _data(40)
     model = _model(_mlp_forward, hkfit.DataParallel())
-    with pytest.raises(ValueError, match=r"multiple of 8.*batch_size=30.*batch_size=24 or "
-                                         r"batch_size=32"):
+    with pytest.raises(
+        ValueError,
+        match=r"multiple of 8.*batch_size=30.*batch_size=24 or "
+        r"batch_size=32",
+    ):
         model.fit(x, y, batch_size=30, verbose=0)
     assert not model.built  # refused before any step (and before building)
     with pytest.raises(ValueError, match=r"Use batch_size=8\."):
@@ -194,33 +209,41 @@ def test_evaluate_and_predict_accept_any_batch_size():
     reference = np.asarray(model.apply_fn(model.params, model.state, jnp.asarray(x)))
     chex.assert_trees_all_close(model.predict(x, batch_size=5), reference, atol=1e-6)
     assert model.evaluate(x, y, batch_size=5, verbose=0)["accuracy"] == pytest.approx(
-        np.mean(reference.argmax(-1) == y), abs=1e-6)
+        np.mean(reference.argmax(-1) == y), abs=1e-6
+    )
 
 
 def test_rule_matching_nothing_warns():
-    dp = hkfit.DataParallel(mesh_shape={"data": 4, "model": 2},
-                            param_sharding=[("no_such_layer", P("model"))])
+    dp = hkfit.DataParallel(
+        mesh_shape={"data": 4, "model": 2}, param_sharding=[("no_such_layer", P("model"))]
+    )
     with pytest.warns(UserWarning, match="no_such_layer.*matches no parameter.*linear/w"):
         _model(_mlp_forward, dp).init(_data(8)[0])
 
 
 def test_rule_with_indivisible_dimension_raises():
-    dp = hkfit.DataParallel(mesh_shape={"data": 2, "model": 4},
-                            param_sharding=[("linear_1/w", P(None, "model"))])
+    dp = hkfit.DataParallel(
+        mesh_shape={"data": 2, "model": 4}, param_sharding=[("linear_1/w", P(None, "model"))]
+    )
     # linear_1/w has shape (8, 2): 2 output columns cannot be split over 4 devices
     with pytest.raises(ValueError, match=r"linear_1/w.*\(8, 2\).*size 4.*not divisible"):
         _model(_mlp_forward, dp).init(_data(8)[0])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(mesh_shape={"data": 3}), "multiply to the number of devices, 8"),
-    (dict(mesh_shape={"batch": 8}), "includes the batch axis 'data'"),
-    (dict(mesh_shape={"data": 4, "model": 2}, param_sharding=[("w", P("tensor"))]),
-     "mesh axis 'tensor'"),
-    (dict(param_sharding=[("w", None)]), r"pair \(regex, PartitionSpec\)"),
-    (dict(param_sharding=[("(", P())]), "Invalid regex"),
-    (dict(devices=[]), "at least one device"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mesh_shape={"data": 3}), "multiply to the number of devices, 8"),
+        (dict(mesh_shape={"batch": 8}), "includes the batch axis 'data'"),
+        (
+            dict(mesh_shape={"data": 4, "model": 2}, param_sharding=[("w", P("tensor"))]),
+            "mesh axis 'tensor'",
+        ),
+        (dict(param_sharding=[("w", None)]), r"pair \(regex, PartitionSpec\)"),
+        (dict(param_sharding=[("(", P())]), "Invalid regex"),
+        (dict(devices=[]), "at least one device"),
+    ],
+)
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
         hkfit.DataParallel(**kwargs)
@@ -239,12 +262,11 @@ def test_subset_of_devices_and_mesh_axes():
 
 
 class LayoutTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_shard_batch_keeps_values(self):
         shard = hkfit.DataParallel().step_options("train")["shard_batch"]
-        tree = {"a": jnp.arange(32.).reshape(16, 2), "b": jnp.arange(16)}
-        odd = {"a": jnp.arange(10.).reshape(5, 2)}  # 5 rows: left unsplit
+        tree = {"a": jnp.arange(32.0).reshape(16, 2), "b": jnp.arange(16)}
+        odd = {"a": jnp.arange(10.0).reshape(5, 2)}  # 5 rows: left unsplit
         chex.assert_trees_all_equal(self.variant(shard)(tree), tree)
         chex.assert_trees_all_equal(self.variant(shard)(odd), odd)
 
@@ -273,13 +295,16 @@ def _worker(pid: int, port: int, outdir: str) -> None:
     x, y = _data(PROCS * LOCAL_ROWS, seed=1)
     mine = slice(pid * LOCAL_ROWS, (pid + 1) * LOCAL_ROWS)
     model = _model(distribution=hkfit.DataParallel())
-    history = model.fit(x[mine], y[mine], batch_size=MP_BATCH, epochs=1, shuffle=False,
-                        verbose=2)
+    history = model.fit(x[mine], y[mine], batch_size=MP_BATCH, epochs=1, shuffle=False, verbose=2)
     evaluate = model.evaluate(x[mine], y[mine], batch_size=10, verbose=0)
-    result = {"history": history.history, "evaluate": evaluate,
-              "devices": jax.device_count(), "processes": jax.process_count(),
-              # single batches from each process: 4 + 4 rows (split) and 5 + 5 rows
-              "batches": [model.test_on_batch(x[mine][:k], y[mine][:k]) for k in (4, 5)]}
+    result = {
+        "history": history.history,
+        "evaluate": evaluate,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        # single batches from each process: 4 + 4 rows (split) and 5 + 5 rows
+        "batches": [model.test_on_batch(x[mine][:k], y[mine][:k]) for k in (4, 5)],
+    }
     params = {f"{m}/{n}": np.asarray(v) for m, d in model.params.items() for n, v in d.items()}
     np.savez(os.path.join(outdir, f"params{pid}.npz"), predict=model.predict(x[:7]), **params)
     with open(os.path.join(outdir, f"result{pid}.json"), "w") as f:
@@ -296,13 +321,22 @@ def _free_port() -> int:
 def test_two_processes_train_together(tmp_path):
     if not hasattr(jax, "make_array_from_process_local_data"):
         pytest.skip(f"jax {jax.__version__} lacks jax.make_array_from_process_local_data")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+    )
     port = _free_port()
     logs = [open(tmp_path / f"log{pid}.txt", "w") for pid in range(PROCS)]
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(pid), str(port),
-                               str(tmp_path)], env=env, stdout=log, stderr=subprocess.STDOUT)
-             for pid, log in enumerate(logs)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "worker", str(pid), str(port), str(tmp_path)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        for pid, log in enumerate(logs)
+    ]
     try:
         for proc in procs:
             proc.wait(timeout=300)
@@ -327,14 +361,16 @@ def test_two_processes_train_together(tmp_path):
     # process 1's (4 + 4 rows), and the last batch is 3 + 3 rows.
     x, y = _data(PROCS * LOCAL_ROWS, seed=1)
     local = MP_BATCH // PROCS
-    order = [p * LOCAL_ROWS + r for start in range(0, LOCAL_ROWS, local) for p in range(PROCS)
-             for r in range(start, min(start + local, LOCAL_ROWS))]
+    order = [
+        p * LOCAL_ROWS + r
+        for start in range(0, LOCAL_ROWS, local)
+        for p in range(PROCS)
+        for r in range(start, min(start + local, LOCAL_ROWS))
+    ]
     model = _model()
-    history = model.fit(x[order], y[order], batch_size=MP_BATCH, epochs=1, shuffle=False,
-                        verbose=0)
+    history = model.fit(x[order], y[order], batch_size=MP_BATCH, epochs=1, shuffle=False, verbose=0)
     chex.assert_trees_all_close(results[0]["history"], history.history, atol=1e-5)
-    chex.assert_trees_all_close(results[0]["evaluate"], model.evaluate(x, y, verbose=0),
-                                atol=1e-5)
+    chex.assert_trees_all_close(results[0]["evaluate"], model.evaluate(x, y, verbose=0), atol=1e-5)
     for k, logs in zip((4, 5), results[0]["batches"]):
         rows = [p * LOCAL_ROWS + r for p in range(PROCS) for r in range(k)]
         chex.assert_trees_all_close(logs, model.test_on_batch(x[rows], y[rows]), atol=1e-5)

@@ -80,11 +80,14 @@ class Recorder(C.Callback):
 
 def _recording_hook(name):
     if "batch" in name or "epoch" in name:
+
         def hook(self, index, logs=None):
             self.calls.append((name, index, logs))
     else:
+
         def hook(self, logs=None):
             self.calls.append((name, None, logs))
+
     return hook
 
 
@@ -117,8 +120,9 @@ def test_predict_batch_end_logs_hold_the_outputs():
     assert rec.indices("on_predict_batch_end") == [0, 1, 2]
     logs = rec.logs("on_predict_batch_end")
     assert all(set(entry) == {"outputs"} for entry in logs)
-    np.testing.assert_allclose(np.concatenate([np.asarray(e["outputs"]) for e in logs]), out,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.concatenate([np.asarray(e["outputs"]) for e in logs]), out, atol=1e-6
+    )
 
 
 def test_keras_batch_aliases_fire_like_train_batch_hooks():
@@ -168,27 +172,40 @@ def test_validation_uses_fits_steps_per_execution():
     xv, yv = data(100, seed=1)  # 10 validation batches of 10
     model = make_model()
     rec = recorder("on_test_batch_end")
-    model.fit(x, y, epochs=1, batch_size=4, verbose=0, validation_data=(xv, yv),
-              validation_batch_size=10, steps_per_execution=3, callbacks=[rec])
+    model.fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=4,
+        verbose=0,
+        validation_data=(xv, yv),
+        validation_batch_size=10,
+        steps_per_execution=3,
+        callbacks=[rec],
+    )
     assert rec.indices("on_test_batch_end") == [2, 5, 8, 9]  # ceil(10 / 3) executions
 
 
 def test_exhausted_validation_generator_drops_val_keys_with_one_warning():
     x, y = data(16)
     xv, yv = data(8, seed=1)
-    one_shot = ((xv[i:i + 4], yv[i:i + 4]) for i in range(0, 8, 4))
+    one_shot = ((xv[i : i + 4], yv[i : i + 4]) for i in range(0, 8, 4))
     model = make_model()
     rec = recorder("on_epoch_end")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model.fit(x, y, epochs=3, batch_size=4, verbose=0, validation_data=one_shot,
-                  callbacks=[rec])
+        model.fit(
+            x, y, epochs=3, batch_size=4, verbose=0, validation_data=one_shot, callbacks=[rec]
+        )
     epoch_logs = rec.logs("on_epoch_end")
     assert len(epoch_logs) == 3
     assert "val_loss" in epoch_logs[0]
     assert [k for logs in epoch_logs[1:] for k in logs if k.startswith("val_")] == []
-    about_validation = [w for w in caught if issubclass(w.category, UserWarning)
-                        and "validation" in str(w.message).lower()]
+    about_validation = [
+        w
+        for w in caught
+        if issubclass(w.category, UserWarning) and "validation" in str(w.message).lower()
+    ]
     assert len(about_validation) == 1, [str(w.message) for w in caught]
 
 
@@ -216,8 +233,9 @@ def test_inference_batch_hooks_fire_once_per_execution():
     model.init(x)
     for steps_per_execution, expected in [(1, list(range(7))), (3, [2, 5, 6])]:
         rec = recorder("on_test_batch_end", "on_predict_batch_end")
-        model.evaluate(x, y, batch_size=16, verbose=0, steps_per_execution=steps_per_execution,
-                       callbacks=[rec])
+        model.evaluate(
+            x, y, batch_size=16, verbose=0, steps_per_execution=steps_per_execution, callbacks=[rec]
+        )
         model.predict(x, batch_size=16, steps_per_execution=steps_per_execution, callbacks=[rec])
         assert rec.indices("on_test_batch_end") == expected, steps_per_execution
         assert rec.indices("on_predict_batch_end") == expected, steps_per_execution
@@ -254,12 +272,16 @@ def test_on_batch_methods_build_once(monkeypatch):
 
 def test_fit_on_an_iterable_builds_once(monkeypatch):
     x, y = data(16)
-    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
     counter = count_eval_shape(monkeypatch)
     snapshots = []
     model = make_model()
-    model.fit(batches, epochs=3, verbose=0,
-              callbacks=[C.LambdaCallback(on_epoch_end=lambda e, l: snapshots.append(counter["n"]))])
+    model.fit(
+        batches,
+        epochs=3,
+        verbose=0,
+        callbacks=[C.LambdaCallback(on_epoch_end=lambda e, l: snapshots.append(counter["n"]))],
+    )
     assert len(snapshots) == 3
     assert snapshots[1] == snapshots[2] == snapshots[0]
 
@@ -267,10 +289,14 @@ def test_fit_on_an_iterable_builds_once(monkeypatch):
 # --- Argument checks ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    lambda x, y: [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)],
-    lambda x, y: ((x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)),
-], ids=["list", "generator"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x, y: [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)],
+        lambda x, y: ((x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)),
+    ],
+    ids=["list", "generator"],
+)
 def test_fit_refuses_y_with_an_iterable(make):
     x, y = data(16)
     model = make_model()
@@ -352,8 +378,7 @@ def test_learning_rate_property():
     with pytest.raises(ValueError, match="inject_hyperparams"):
         plain.learning_rate = 0.1
     with pytest.raises(ValueError, match="inject_hyperparams"):
-        plain.fit(x, y, epochs=1, verbose=0,
-                  callbacks=[C.LearningRateScheduler(lambda epoch: 0.1)])
+        plain.fit(x, y, epochs=1, verbose=0, callbacks=[C.LearningRateScheduler(lambda epoch: 0.1)])
 
 
 # --- Host syncs -----------------------------------------------------------------------------
@@ -376,7 +401,7 @@ def test_evaluate_reads_logs_only_when_needed(monkeypatch):
     model = make_model()
     model.init(x)
     model.evaluate(x, y, batch_size=10, verbose=0, steps_per_execution=1)  # compile first
-    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 100, 10)]
+    batches = [(x[i : i + 10], y[i : i + 10]) for i in range(0, 100, 10)]
     model.evaluate(batches, verbose=0)
     counter = count_device_get(monkeypatch)
     model.evaluate(x, y, batch_size=10, verbose=0, steps_per_execution=1)
@@ -393,8 +418,9 @@ def test_float64_and_int64_inputs_train_without_warnings():
     x, y = data(16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        hkfit.Model(forward, loss="mse").fit(x.astype(np.float64), np.zeros((16, 3)),
-                                             epochs=1, verbose=0)
+        hkfit.Model(forward, loss="mse").fit(
+            x.astype(np.float64), np.zeros((16, 3)), epochs=1, verbose=0
+        )
         make_model().fit(x, y.astype(np.int64), epochs=1, verbose=0)
 
 
@@ -435,17 +461,27 @@ def test_param_sharding_keeps_unmatched_params_replicated(caplog):
     def two_layers(x):
         return hk.Linear(2, name="head")(jax.nn.relu(hk.Linear(8, name="linear")(x)))
 
-    strategy = hkfit.DataParallel(mesh_shape={"data": 4, "model": 2},
-                                  param_sharding=[("linear/w", P(None, "model"))])
+    strategy = hkfit.DataParallel(
+        mesh_shape={"data": 4, "model": 2}, param_sharding=[("linear/w", P(None, "model"))]
+    )
     x, _ = data(32)
     model = hkfit.Model(two_layers, loss="mse", optimizer="sgd", distribution=strategy)
     caplog.clear()
     with caplog.at_level(logging.WARNING), jax.log_compiles(True):
-        model.fit(x, np.zeros((32, 2), np.float32), epochs=2, batch_size=8, verbose=0,
-                  steps_per_execution=2)
-    train_compiles = [r.getMessage() for r in caplog.records
-                      if r.getMessage().startswith("Compiling") and (
-                          "jit(run)" in r.getMessage() or "Compiling run " in r.getMessage())]
+        model.fit(
+            x,
+            np.zeros((32, 2), np.float32),
+            epochs=2,
+            batch_size=8,
+            verbose=0,
+            steps_per_execution=2,
+        )
+    train_compiles = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("Compiling")
+        and ("jit(run)" in r.getMessage() or "Compiling run " in r.getMessage())
+    ]
     assert len(train_compiles) == 1, train_compiles  # pinned output shardings: once per fit
     assert model.params["head"]["w"].sharding.is_fully_replicated
     assert model.params["head"]["b"].sharding.is_fully_replicated

@@ -5,7 +5,6 @@ import re
 import haiku as hk
 import jax
 import numpy as np
-import optax
 import pytest
 
 import hkfit
@@ -38,22 +37,41 @@ def assert_untouched(model, before):
     assert before[1] == after[1] == 0
 
 
-@pytest.mark.parametrize("kwargs,error,pattern", [
-    ({"batch_size": 0}, ValueError, "Expected `batch_size` to be an int >= 1. Received: batch_size=0"),
-    ({"batch_size": 2.5}, ValueError, "Received: batch_size=2.5"),
-    ({"batch_size": True}, ValueError, "Received: batch_size=True"),
-    ({"epochs": 2, "initial_epoch": 3}, ValueError, "epochs=2, initial_epoch=3"),
-    ({"epochs": -1}, ValueError, "Expected `epochs` to be an int >= 0"),
-    ({"validation_split": 1.0}, ValueError, r"Expected `validation_split` in \[0, 1\). Received: validation_split=1.0"),
-    ({"validation_split": -0.1}, ValueError, "validation_split=-0.1"),
-    ({"validation_split": 0.99}, ValueError, "leaves 0 training and 20 validation rows out of 20"),
-    ({"class_weight": {0: 1.0, 7: 2.0}}, ValueError, r"absent classes \[7\]"),
-    ({"sample_weight": np.ones(5)}, ValueError, r"Expected `sample_weight` of shape \(20,\)"),
-    ({"verbose": 3}, ValueError, "Expected `verbose` to be 'auto', 0, 1 or 2"),
-    ({"steps_per_execution": 0}, ValueError, "Expected `steps_per_execution` to be 'auto' or an int >= 1"),
-    ({"validation_freq": "often"}, TypeError, "Expected `validation_freq`"),
-    ({"steps_per_epoch": 0}, ValueError, "Expected `steps_per_epoch` to be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (
+            {"batch_size": 0},
+            ValueError,
+            "Expected `batch_size` to be an int >= 1. Received: batch_size=0",
+        ),
+        ({"batch_size": 2.5}, ValueError, "Received: batch_size=2.5"),
+        ({"batch_size": True}, ValueError, "Received: batch_size=True"),
+        ({"epochs": 2, "initial_epoch": 3}, ValueError, "epochs=2, initial_epoch=3"),
+        ({"epochs": -1}, ValueError, "Expected `epochs` to be an int >= 0"),
+        (
+            {"validation_split": 1.0},
+            ValueError,
+            r"Expected `validation_split` in \[0, 1\). Received: validation_split=1.0",
+        ),
+        ({"validation_split": -0.1}, ValueError, "validation_split=-0.1"),
+        (
+            {"validation_split": 0.99},
+            ValueError,
+            "leaves 0 training and 20 validation rows out of 20",
+        ),
+        ({"class_weight": {0: 1.0, 7: 2.0}}, ValueError, r"absent classes \[7\]"),
+        ({"sample_weight": np.ones(5)}, ValueError, r"Expected `sample_weight` of shape \(20,\)"),
+        ({"verbose": 3}, ValueError, "Expected `verbose` to be 'auto', 0, 1 or 2"),
+        (
+            {"steps_per_execution": 0},
+            ValueError,
+            "Expected `steps_per_execution` to be 'auto' or an int >= 1",
+        ),
+        ({"validation_freq": "often"}, TypeError, "Expected `validation_freq`"),
+        ({"steps_per_epoch": 0}, ValueError, "Expected `steps_per_epoch` to be an int >= 1"),
+    ],
+)
 def test_bad_fit_arguments(model, data, kwargs, error, pattern):
     before = snapshot(model)
     with pytest.raises(error, match=pattern):
@@ -104,7 +122,8 @@ def test_nan_and_inf_are_refused(model, data, where, bad):
     # the check can be turned off (then NaN simply flows through the maths)
     if where == "x":
         hkfit.Model(forward, loss="sparse_categorical_crossentropy").fit(
-            x, data[1], verbose=0, check_inputs=False)
+            x, data[1], verbose=0, check_inputs=False
+        )
 
 
 def test_validation_split_with_an_iterable(model, data):
@@ -122,16 +141,39 @@ def test_missing_targets(model, data):
         model.evaluate(data[0], verbose=0)
 
 
-@pytest.mark.parametrize("kwargs,error,pattern", [
-    ({"loss": "crossentropy"}, ValueError, "Unknown `loss` name. Expected one of .*'mse'.*Received: loss='crossentropy'"),
-    ({"loss": 3}, TypeError, "Expected `loss` to be a loss name or a callable"),
-    ({"loss": "mse", "optimizer": "adamax"}, ValueError, r"Unknown `optimizer` name. Expected one of \['adam', 'adamw', 'rmsprop', 'sgd'\]"),
-    ({"loss": "mse", "optimizer": 0.1}, TypeError, "Expected `optimizer` to be a name or an optax.GradientTransformation"),
-    ({"loss": "mse", "metrics": ["acuracy"]}, ValueError, "Unknown metric name in `metrics`. Expected one of .*'accuracy'.*Received: 'acuracy'"),
-    ({"loss": "mse", "metrics": "accuracy"}, TypeError, "Expected `metrics` to be a list"),
-    ({"loss": "mse", "metrics": [42]}, TypeError, "Expected each entry of `metrics`"),
-    ({"loss": "mse", "seed": "zero"}, TypeError, "Expected `seed` to be an int or a JAX PRNG key"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (
+            {"loss": "crossentropy"},
+            ValueError,
+            "Unknown `loss` name. Expected one of .*'mse'.*Received: loss='crossentropy'",
+        ),
+        ({"loss": 3}, TypeError, "Expected `loss` to be a loss name or a callable"),
+        (
+            {"loss": "mse", "optimizer": "adamax"},
+            ValueError,
+            r"Unknown `optimizer` name. Expected one of \['adam', 'adamw', 'rmsprop', 'sgd'\]",
+        ),
+        (
+            {"loss": "mse", "optimizer": 0.1},
+            TypeError,
+            "Expected `optimizer` to be a name or an optax.GradientTransformation",
+        ),
+        (
+            {"loss": "mse", "metrics": ["acuracy"]},
+            ValueError,
+            "Unknown metric name in `metrics`. Expected one of .*'accuracy'.*Received: 'acuracy'",
+        ),
+        ({"loss": "mse", "metrics": "accuracy"}, TypeError, "Expected `metrics` to be a list"),
+        ({"loss": "mse", "metrics": [42]}, TypeError, "Expected each entry of `metrics`"),
+        (
+            {"loss": "mse", "seed": "zero"},
+            TypeError,
+            "Expected `seed` to be an int or a JAX PRNG key",
+        ),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         hkfit.Model(forward, **kwargs)
@@ -142,12 +184,19 @@ def test_forward_that_is_not_callable():
         hkfit.Model("not a function", loss="mse")
 
 
-@pytest.mark.parametrize("loss,y,pattern", [
-    ("sparse_categorical_crossentropy", np.zeros((20, 3), np.int32), "integer labels of shape"),
-    ("categorical_crossentropy", np.zeros((20,), np.float32), "labels and outputs of the same shape"),
-    ("mse", np.zeros((20, 5), np.float32), r"forward output shape \(2, 3\).*y shape \(2, 5\)"),
-    (lambda t, p: (t - p) ** 2, np.zeros((20, 3), np.float32), r"a loss of shape \[batch\]"),
-])
+@pytest.mark.parametrize(
+    "loss,y,pattern",
+    [
+        ("sparse_categorical_crossentropy", np.zeros((20, 3), np.int32), "integer labels of shape"),
+        (
+            "categorical_crossentropy",
+            np.zeros((20,), np.float32),
+            "labels and outputs of the same shape",
+        ),
+        ("mse", np.zeros((20, 5), np.float32), r"forward output shape \(2, 3\).*y shape \(2, 5\)"),
+        (lambda t, p: (t - p) ** 2, np.zeros((20, 3), np.float32), r"a loss of shape \[batch\]"),
+    ],
+)
 def test_forward_output_that_does_not_match_y(data, loss, y, pattern):
     model = hkfit.Model(forward, loss=loss)
     model.init(data[0])

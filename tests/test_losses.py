@@ -2,7 +2,6 @@
 
 import chex
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -10,7 +9,6 @@ from hkfit import losses
 
 
 class LossesTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_sparse_and_categorical_crossentropy_agree(self):
         logits = jnp.array([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]])
@@ -26,7 +24,9 @@ class LossesTest(chex.TestCase):
     def test_regression_losses_average_features(self):
         y_true = jnp.zeros((2, 3))
         y_pred = jnp.array([[1.0, 2.0, 3.0], [0.0, 0.0, -3.0]])
-        chex.assert_trees_all_close(self.variant(losses.mse)(y_true, y_pred), jnp.array([14 / 3, 3.0]))
+        chex.assert_trees_all_close(
+            self.variant(losses.mse)(y_true, y_pred), jnp.array([14 / 3, 3.0])
+        )
         chex.assert_trees_all_close(self.variant(losses.mae)(y_true, y_pred), jnp.array([2.0, 1.0]))
         huber = self.variant(losses.huber)(y_true, y_pred)
         chex.assert_trees_all_close(huber, jnp.array([(0.5 + 1.5 + 2.5) / 3, 2.5 / 3]))
@@ -47,7 +47,13 @@ def test_names_and_callables():
     assert losses.get("mean_squared_error") is losses.mse
     custom = lambda t, p: jnp.abs(t - p).sum(-1)
     assert losses.get(custom) is custom
-    assert set(losses.names()) >= {"sparse_categorical_crossentropy", "categorical_crossentropy",
-                                   "binary_crossentropy", "mse", "mae", "huber"}
+    assert set(losses.names()) >= {
+        "sparse_categorical_crossentropy",
+        "categorical_crossentropy",
+        "binary_crossentropy",
+        "mse",
+        "mae",
+        "huber",
+    }
     with pytest.raises(ValueError, match="Unknown `loss` name"):
         losses.get("hinge")

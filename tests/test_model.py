@@ -1,7 +1,5 @@
 """Model: fit / evaluate / predict semantics, determinism, traces, forwards and progress."""
 
-import warnings
-
 import chex
 import haiku as hk
 import jax
@@ -117,7 +115,9 @@ def test_epoch_loss_is_exact_weighted_mean_of_batch_losses():
     w = np.linspace(0.5, 2.0, 37).astype(np.float32)
     model = make_model(forward=lambda x: hk.Linear(3)(x), optimizer=optax.sgd(0.0))
     history = model.fit(x, y, epochs=1, batch_size=8, verbose=0, sample_weight=w)
-    per_example = losses.sparse_categorical_crossentropy(y, model.apply_fn(model.params, model.state, x))
+    per_example = losses.sparse_categorical_crossentropy(
+        y, model.apply_fn(model.params, model.state, x)
+    )
     expected = float(np.sum(w * per_example) / np.sum(w))
     np.testing.assert_allclose(history.history["loss"][0], expected, rtol=1e-5)
 
@@ -127,8 +127,14 @@ def test_class_weight_equals_matching_sample_weight():
     cw = {0: 2.0, 1: 0.5, 2: 1.0}
     a, b = make_model(seed=2), make_model(seed=2)
     a.fit(x, y, epochs=2, batch_size=8, verbose=0, class_weight=cw)
-    b.fit(x, y, epochs=2, batch_size=8, verbose=0,
-          sample_weight=np.array([cw[int(c)] for c in y], np.float32))
+    b.fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=8,
+        verbose=0,
+        sample_weight=np.array([cw[int(c)] for c in y], np.float32),
+    )
     chex.assert_trees_all_close(a.params, b.params, atol=1e-6)
 
 
@@ -144,12 +150,19 @@ def test_validation_split_takes_the_last_rows_before_shuffling():
 def test_validation_data_and_validation_freq():
     x, y = make_data(30)
     model = make_model()
-    history = model.fit(x, y, epochs=4, verbose=0, validation_data=(x[:10], y[:10]),
-                        validation_freq=2)
+    history = model.fit(
+        x, y, epochs=4, verbose=0, validation_data=(x[:10], y[:10]), validation_freq=2
+    )
     assert len(history.history["loss"]) == 4
     assert len(history.history["val_loss"]) == 2
-    history = model.fit(x, y, epochs=3, verbose=0, validation_data=(x[:10], y[:10], np.ones(10)),
-                        validation_freq=[1, 3])
+    history = model.fit(
+        x,
+        y,
+        epochs=3,
+        verbose=0,
+        validation_data=(x[:10], y[:10], np.ones(10)),
+        validation_freq=[1, 3],
+    )
     assert len(history.history["val_loss"]) == 2
 
 
@@ -158,7 +171,9 @@ def test_shuffle_is_seeded_and_differs_per_epoch():
     first, _ = hkfit._data.epoch_order(key, 0, num_rows=20, batch_size=5, shuffle=True)
     again, _ = hkfit._data.epoch_order(key, 0, num_rows=20, batch_size=5, shuffle=True)
     second, _ = hkfit._data.epoch_order(key, 1, num_rows=20, batch_size=5, shuffle=True)
-    other, _ = hkfit._data.epoch_order(jax.random.key(1), 0, num_rows=20, batch_size=5, shuffle=True)
+    other, _ = hkfit._data.epoch_order(
+        jax.random.key(1), 0, num_rows=20, batch_size=5, shuffle=True
+    )
     plain, tail = hkfit._data.epoch_order(key, 0, num_rows=22, batch_size=5, shuffle=False)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, second)
@@ -166,8 +181,9 @@ def test_shuffle_is_seeded_and_differs_per_epoch():
     assert sorted(np.ravel(first).tolist()) == list(range(20))
     np.testing.assert_array_equal(plain.ravel(), np.arange(20))
     np.testing.assert_array_equal(tail, [[20, 21]])
-    padded, none = hkfit._data.epoch_order(key, 0, num_rows=22, batch_size=5, shuffle=False,
-                                          pad_tail=True)
+    padded, none = hkfit._data.epoch_order(
+        key, 0, num_rows=22, batch_size=5, shuffle=False, pad_tail=True
+    )
     assert none is None and padded.shape == (5, 5)
     np.testing.assert_array_equal(padded[-1], [20, 21, 22, 22, 22])  # 22: zero-weight padding
 
@@ -189,7 +205,7 @@ def test_shuffle_false_trains_in_order():
     a.fit(x, y, epochs=1, batch_size=10, shuffle=False, verbose=0)
     b.init(x)
     for i in range(3):
-        b.train_on_batch(x[i * 10:(i + 1) * 10], y[i * 10:(i + 1) * 10])
+        b.train_on_batch(x[i * 10 : (i + 1) * 10], y[i * 10 : (i + 1) * 10])
     chex.assert_trees_all_close(a.params, b.params, atol=1e-6)
 
 
@@ -200,8 +216,9 @@ def test_batchnorm_state_updated_by_fit_untouched_by_evaluate_and_predict():
     initial = copy_tree(model.state)
     model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     trained = copy_tree(model.state)
-    assert not np.allclose(initial["batch_norm/~/mean_ema"]["hidden"],
-                           trained["batch_norm/~/mean_ema"]["hidden"])
+    assert not np.allclose(
+        initial["batch_norm/~/mean_ema"]["hidden"], trained["batch_norm/~/mean_ema"]["hidden"]
+    )
     model.evaluate(x, y, verbose=0)
     model.predict(x)
     chex.assert_trees_all_equal(copy_tree(model.state), trained)
@@ -221,7 +238,9 @@ def test_last_partial_training_batch_is_not_padded():
 
 def test_dropout_gets_a_fresh_key_each_step_and_predict_is_deterministic():
     def drop(x, is_training):
-        return hk.dropout(hk.next_rng_key(), 0.5, hk.Linear(3)(x)) if is_training else hk.Linear(3)(x)
+        return (
+            hk.dropout(hk.next_rng_key(), 0.5, hk.Linear(3)(x)) if is_training else hk.Linear(3)(x)
+        )
 
     x, y = make_data(8)
     model = make_model(forward=drop, optimizer=optax.sgd(0.0))
@@ -253,7 +272,9 @@ def test_evaluate_with_sample_weight():
     model = make_model()
     model.init(x)
     w = np.arange(21, dtype=np.float32)
-    per_example = losses.sparse_categorical_crossentropy(y, model.apply_fn(model.params, model.state, x))
+    per_example = losses.sparse_categorical_crossentropy(
+        y, model.apply_fn(model.params, model.state, x)
+    )
     result = model.evaluate(x, y, sample_weight=w, batch_size=4, verbose=0)
     np.testing.assert_allclose(result["loss"], np.sum(w * per_example) / np.sum(w), rtol=1e-5)
 
@@ -275,10 +296,14 @@ def test_dict_inputs_and_pytree_outputs():
         return {"logits": hk.Linear(3)(a + b), "aux": a}
 
     rng = np.random.default_rng(0)
-    x = {"image": rng.normal(size=(30, 6)).astype(np.float32),
-         "meta": rng.normal(size=(30, 2)).astype(np.float32)}
+    x = {
+        "image": rng.normal(size=(30, 6)).astype(np.float32),
+        "meta": rng.normal(size=(30, 2)).astype(np.float32),
+    }
     y = rng.integers(0, 3, size=30)
-    model = hkfit.Model(two_inputs, loss=lambda t, p: losses.sparse_categorical_crossentropy(t, p["logits"]))
+    model = hkfit.Model(
+        two_inputs, loss=lambda t, p: losses.sparse_categorical_crossentropy(t, p["logits"])
+    )
     history = model.fit(x, y, epochs=2, batch_size=8, verbose=0)
     assert len(history.history["loss"]) == 2
     out = model.predict(x, batch_size=7)
@@ -289,11 +314,14 @@ def test_predict_and_evaluate_on_iterables():
     x, y = make_data(25)
     model = make_model()
     model.fit(x, y, epochs=1, verbose=0)
-    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 25, 10)]
+    batches = [(x[i : i + 10], y[i : i + 10]) for i in range(0, 25, 10)]
     np.testing.assert_allclose(model.predict(iter(batches)), model.predict(x), atol=1e-6)
     np.testing.assert_allclose(model.predict(b[0] for b in batches), model.predict(x), atol=1e-6)
-    np.testing.assert_allclose(model.evaluate(batches, verbose=0)["loss"],
-                               model.evaluate(x, y, verbose=0)["loss"], rtol=1e-5)
+    np.testing.assert_allclose(
+        model.evaluate(batches, verbose=0)["loss"],
+        model.evaluate(x, y, verbose=0)["loss"],
+        rtol=1e-5,
+    )
 
 
 # --- iterables ----------------------------------------------------------------------------
@@ -301,7 +329,7 @@ def test_predict_and_evaluate_on_iterables():
 
 def test_fit_on_a_reiterable_list_of_batches():
     x, y = make_data(40)
-    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]
+    batches = [(x[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)]
     a, b = make_model(seed=0), make_model(seed=0)
     history = a.fit(batches, epochs=2, verbose=0)
     b.fit(x, y, epochs=2, batch_size=10, shuffle=False, verbose=0)
@@ -315,7 +343,7 @@ def test_fit_on_an_infinite_generator_with_steps_per_epoch():
     def forever():
         while True:
             for i in range(0, 40, 8):
-                yield x[i:i + 8], y[i:i + 8], np.ones(8)
+                yield x[i : i + 8], y[i : i + 8], np.ones(8)
 
     model = make_model()
     history = model.fit(forever(), epochs=3, steps_per_epoch=4, verbose=0)
@@ -325,7 +353,7 @@ def test_fit_on_an_infinite_generator_with_steps_per_epoch():
 
 def test_one_shot_generator_stops_with_a_warning_after_first_epoch():
     x, y = make_data(20)
-    generator = ((x[i:i + 5], y[i:i + 5]) for i in range(0, 20, 5))
+    generator = ((x[i : i + 5], y[i : i + 5]) for i in range(0, 20, 5))
     model = make_model()
     with pytest.warns(UserWarning, match="ran out before epoch 2"):
         history = model.fit(generator, epochs=3, verbose=0)
@@ -335,7 +363,7 @@ def test_one_shot_generator_stops_with_a_warning_after_first_epoch():
 
 def test_iterable_running_out_before_steps_per_epoch_keeps_completed_steps():
     x, y = make_data(20)
-    generator = ((x[i:i + 5], y[i:i + 5]) for i in range(0, 20, 5))
+    generator = ((x[i : i + 5], y[i : i + 5]) for i in range(0, 20, 5))
     model = make_model()
     with pytest.warns(UserWarning, match="ran out after 1 of 3 steps in epoch 2"):
         history = model.fit(generator, epochs=5, steps_per_epoch=3, verbose=0)
@@ -352,8 +380,12 @@ def test_forward_without_is_training_and_haiku_transforms():
     def plain(x):
         return hk.Linear(3)(x)
 
-    for forward in (plain, hk.transform(plain), hk.without_apply_rng(hk.transform(plain)),
-                    hk.transform_with_state(plain)):
+    for forward in (
+        plain,
+        hk.transform(plain),
+        hk.without_apply_rng(hk.transform(plain)),
+        hk.transform_with_state(plain),
+    ):
         model = hkfit.Model(forward, loss="sparse_categorical_crossentropy", seed=0)
         history = model.fit(x, y, epochs=2, verbose=0)
         assert len(history.history["loss"]) == 2
@@ -370,17 +402,24 @@ def test_apply_fn_composes_with_jax_transforms():
     np.testing.assert_allclose(per_example, model.predict(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("loss,y_maker,out", [
-    ("mse", lambda n: np.zeros((n, 2), np.float32), 2),
-    ("mae", lambda n: np.zeros((n, 2), np.float32), 2),
-    ("huber", lambda n: np.zeros((n, 1), np.float32), 1),
-    ("binary_crossentropy", lambda n: np.ones((n,), np.float32), 1),
-    ("categorical_crossentropy", lambda n: np.eye(3, dtype=np.float32)[np.arange(n) % 3], 3),
-])
+@pytest.mark.parametrize(
+    "loss,y_maker,out",
+    [
+        ("mse", lambda n: np.zeros((n, 2), np.float32), 2),
+        ("mae", lambda n: np.zeros((n, 2), np.float32), 2),
+        ("huber", lambda n: np.zeros((n, 1), np.float32), 1),
+        ("binary_crossentropy", lambda n: np.ones((n,), np.float32), 1),
+        ("categorical_crossentropy", lambda n: np.eye(3, dtype=np.float32)[np.arange(n) % 3], 3),
+    ],
+)
 def test_named_losses_train(loss, y_maker, out):
     x, _ = make_data(24)
-    model = hkfit.Model(lambda x: hk.Linear(out)(x), loss=loss, optimizer="adam",
-                        metrics=["accuracy"] if "crossentropy" in loss else ["mae"])
+    model = hkfit.Model(
+        lambda x: hk.Linear(out)(x),
+        loss=loss,
+        optimizer="adam",
+        metrics=["accuracy"] if "crossentropy" in loss else ["mae"],
+    )
     history = model.fit(x, y_maker(24), epochs=5, batch_size=8, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
 
@@ -402,12 +441,14 @@ def test_on_batch_methods():
     logs = model.train_on_batch(x, y)
     assert set(logs) == {"loss", "accuracy"} and model.step == 1
     test_logs = model.test_on_batch(x, y)
-    np.testing.assert_allclose(test_logs["loss"], model.evaluate(x, y, verbose=0)["loss"], rtol=1e-6)
+    np.testing.assert_allclose(
+        test_logs["loss"], model.evaluate(x, y, verbose=0)["loss"], rtol=1e-6
+    )
     np.testing.assert_allclose(model.predict_on_batch(x), model.predict(x), atol=1e-6)
 
 
 def test_summary_lists_modules_and_counts():
-    x, y = make_data(10)
+    x, _ = make_data(10)
     model = make_model(forward=bn_mlp)
     model.init(x)
     text = model.summary(print_fn=None)
@@ -429,12 +470,16 @@ def test_steps_trace_once_per_shape_across_epochs_and_fits(monkeypatch):
             def counted(*a, **k):
                 counts[key] += 1
                 return inner(*a, **k)
+
             return counted
+
         return make
 
     monkeypatch.setattr(step_lib, "make_train_step", counting(step_lib.make_train_step, "train"))
     monkeypatch.setattr(step_lib, "make_eval_step", counting(step_lib.make_eval_step, "eval"))
-    monkeypatch.setattr(step_lib, "make_predict_step", counting(step_lib.make_predict_step, "predict"))
+    monkeypatch.setattr(
+        step_lib, "make_predict_step", counting(step_lib.make_predict_step, "predict")
+    )
     x, y = make_data(53)  # 53 = 5 * 10 + 3: full batches and a tail
     model = make_model()
     model.fit(x, y, epochs=3, batch_size=10, verbose=0, validation_split=0.2)
@@ -508,11 +553,15 @@ def test_streamed_evaluate_and_predict_are_exact_across_chunks(monkeypatch, step
     model.fit(x, y, epochs=1, verbose=0)
     y_pred = np.asarray(model.apply_fn(model.params, model.state, x))
     per_example = np.asarray(losses.sparse_categorical_crossentropy(y, y_pred))
-    result = model.evaluate(x, y, sample_weight=w, batch_size=7, verbose=0,
-                            steps_per_execution=steps_per_execution)
+    result = model.evaluate(
+        x, y, sample_weight=w, batch_size=7, verbose=0, steps_per_execution=steps_per_execution
+    )
     np.testing.assert_allclose(result["loss"], np.sum(w * per_example) / np.sum(w), rtol=1e-5)
     out = model.predict(x, batch_size=7, steps_per_execution=steps_per_execution)
     np.testing.assert_allclose(out, y_pred, atol=1e-6)
     assert model.predict(x, batch_size=7, steps=2).shape == (14, 3)
-    np.testing.assert_allclose(model.evaluate(x, y, batch_size=7, steps=2, verbose=0)["loss"],
-                               per_example[:14].mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        model.evaluate(x, y, batch_size=7, steps=2, verbose=0)["loss"],
+        per_example[:14].mean(),
+        rtol=1e-5,
+    )

@@ -58,15 +58,18 @@ def test_view_evaluate_takes_labels_shaped_like_outputs(reference):
     view = model.vmap(in_axes=-1, out_axes=-1)
     y = view.predict(x)
     logs = view.evaluate(x, np.zeros_like(y), batch_size=2, verbose=0)
-    np.testing.assert_allclose(logs["loss"], np.mean(y ** 2), rtol=1e-4)
+    np.testing.assert_allclose(logs["loss"], np.mean(y**2), rtol=1e-4)
     assert view.evaluate(x, y, verbose=0)["loss"] == pytest.approx(0.0, abs=1e-10)
 
 
 def test_jax_vmap_of_apply_fn_matches_view(reference):
     model, x = reference
     mapped = jax.vmap(model.apply_fn, in_axes=(None, None, 4), out_axes=4)
-    chex.assert_trees_all_close(mapped(model.params, model.state, x),
-                                model.vmap(in_axes=4, out_axes=4).predict(x), atol=1e-5)
+    chex.assert_trees_all_close(
+        mapped(model.params, model.state, x),
+        model.vmap(in_axes=4, out_axes=4).predict(x),
+        atol=1e-5,
+    )
 
 
 def test_grad_and_jacobians_through_apply_fn(reference):
@@ -81,8 +84,9 @@ def test_grad_and_jacobians_through_apply_fn(reference):
     chex.assert_trees_all_close(jac_rev, jac_fwd, atol=1e-5)
     # The view's apply_fn is pure too: the Jacobian of a multi-view output.
     view = model.vmap(in_axes=4, out_axes=4)
-    jac = jax.eval_shape(jax.jacrev(view.apply_fn, argnums=2), model.params, model.state,
-                         jnp.asarray(x[:1]))
+    jac = jax.eval_shape(
+        jax.jacrev(view.apply_fn, argnums=2), model.params, model.state, jnp.asarray(x[:1])
+    )
     assert jac.shape == (1, 12, 12, 5, VIEWS, 1, 16, 16, 3, VIEWS)
 
 
@@ -97,8 +101,9 @@ def test_view_of_pytree_inputs_with_unmapped_leaf():
     y = view.predict(x, batch_size=3)  # the view initializes the parent on view 0
     assert model.built and y.shape == (4, VIEWS, 2)
     for v in range(VIEWS):
-        np.testing.assert_allclose(y[:, v], model.predict({"a": x["a"][..., v], "b": x["b"]}),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            y[:, v], model.predict({"a": x["a"][..., v], "b": x["b"]}), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_view_sees_parameters_of_a_later_fit():
@@ -113,7 +118,8 @@ def test_view_sees_parameters_of_a_later_fit():
     after = view.predict(x)
     assert not np.allclose(before, after)
     expected = jax.vmap(inner.apply_fn, in_axes=(None, None, 2), out_axes=2)(
-        inner.params, inner.state, x)
+        inner.params, inner.state, x
+    )
     chex.assert_trees_all_close(after, expected, atol=1e-5)
     assert view.params is inner.params
 
@@ -170,16 +176,21 @@ def test_pytree_input_is_split_along_axis_in_every_leaf():
         return hk.Linear(2)(x["a"]) + hk.Linear(2)(x["b"])
 
     rng = np.random.RandomState(8)
-    x = {"a": jnp.asarray(rng.randn(2, 3, 4), jnp.float32),
-         "b": jnp.asarray(rng.randn(2, 3, 5), jnp.float32)}
+    x = {
+        "a": jnp.asarray(rng.randn(2, 3, 4), jnp.float32),
+        "b": jnp.asarray(rng.randn(2, 3, 5), jnp.float32),
+    }
     t = hk.without_apply_rng(hk.transform(hkfit.multiview(forward, axis=1, pool="mean")))
     params = jax.jit(t.init)(jax.random.key(0), x)
     single = hk.without_apply_rng(hk.transform(forward))
     per_view = [single.apply(params, {"a": x["a"][:, v], "b": x["b"][:, v]}) for v in range(3)]
     chex.assert_trees_all_close(jax.jit(t.apply)(params, x), sum(per_view) / 3, atol=1e-5)
     x["b"] = x["b"][:, :2]
-    with pytest.raises(ValueError, match=r"same size.*x\['a'\] axis 1 of size 3, "
-                                         r"x\['b'\] axis 1 of size 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"same size.*x\['a'\] axis 1 of size 3, "
+        r"x\['b'\] axis 1 of size 2",
+    ):
         t.apply(params, x)
 
 
@@ -196,8 +207,9 @@ def test_is_training_is_passed_through():
     t = hk.without_apply_rng(hk.transform(fn))
     x = jnp.ones((2, 3, 4))
     params = t.init(jax.random.key(0), x, is_training=True)
-    chex.assert_trees_all_close(t.apply(params, x, is_training=True),
-                                2.0 * t.apply(params, x, is_training=False))
+    chex.assert_trees_all_close(
+        t.apply(params, x, is_training=True), 2.0 * t.apply(params, x, is_training=False)
+    )
     assert seen == [True, True, False]
 
 
@@ -230,8 +242,13 @@ def test_training_a_multiview_model_lowers_its_loss():
     y = rng.randint(0, 3, 48)
     patterns = rng.randn(3, 8, 8, 1).astype(np.float32)
     x = patterns[y][..., None] + 0.5 * rng.randn(48, 8, 8, 1, 4).astype(np.float32)
-    model = hkfit.Model(hkfit.multiview(classifier), loss="sparse_categorical_crossentropy",
-                        optimizer="adam", metrics=["accuracy"], seed=0)
+    model = hkfit.Model(
+        hkfit.multiview(classifier),
+        loss="sparse_categorical_crossentropy",
+        optimizer="adam",
+        metrics=["accuracy"],
+        seed=0,
+    )
     first = model.evaluate(x, y, verbose=0)["loss"]
     history = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
@@ -239,7 +256,6 @@ def test_training_a_multiview_model_lowers_its_loss():
 
 
 class MultiviewVariantsTest(parameterized.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_forward_agrees_with_a_loop_over_views(self):
         def forward(x, is_training):
@@ -252,12 +268,16 @@ class MultiviewVariantsTest(parameterized.TestCase):
         key = jax.random.key(1)
         apply = self.variant(lambda p, k, x: t.apply(p, k, x, is_training=False))
         single = hk.transform(forward)
-        per_view = jnp.stack([single.apply(params, key, x[:, v], is_training=False)
-                              for v in range(VIEWS)], axis=-1)
+        per_view = jnp.stack(
+            [single.apply(params, key, x[:, v], is_training=False) for v in range(VIEWS)], axis=-1
+        )
         chex.assert_trees_all_close(apply(params, key, x), jnp.max(per_view, axis=-1), atol=1e-5)
         # split_rng=False: every view draws the same dropout mask.
-        train = self.variant(lambda p, k, x: hk.transform(
-            hkfit.multiview(forward, axis=-2, pool=None)).apply(p, k, x, is_training=True))
+        train = self.variant(
+            lambda p, k, x: hk.transform(hkfit.multiview(forward, axis=-2, pool=None)).apply(
+                p, k, x, is_training=True
+            )
+        )
         same = jnp.broadcast_to(x[:, :1], x.shape)
         y = train(params, key, same)
         chex.assert_trees_all_close(y, jnp.broadcast_to(y[..., :1], y.shape))
@@ -266,26 +286,32 @@ class MultiviewVariantsTest(parameterized.TestCase):
 # --- Bad inputs ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"in_axes": 0}, ValueError, r"`in_axes` to name axes other than 0: axis 0 is the batch"),
-    ({"in_axes": 4, "out_axes": 0}, ValueError, r"`out_axes` to name axes other than 0"),
-    ({"in_axes": {"a": 0, "b": None}}, ValueError, r"Received: in_axes=\{'a': 0"),
-    ({"in_axes": None}, ValueError, r"at least one mapped \(non-None\) axis in `in_axes`"),
-    ({"in_axes": 1.5}, TypeError, r"`in_axes` to be an int, None, or a pytree"),
-    ({"in_axes": True}, TypeError, r"Received: in_axes=True"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"in_axes": 0}, ValueError, r"`in_axes` to name axes other than 0: axis 0 is the batch"),
+        ({"in_axes": 4, "out_axes": 0}, ValueError, r"`out_axes` to name axes other than 0"),
+        ({"in_axes": {"a": 0, "b": None}}, ValueError, r"Received: in_axes=\{'a': 0"),
+        ({"in_axes": None}, ValueError, r"at least one mapped \(non-None\) axis in `in_axes`"),
+        ({"in_axes": 1.5}, TypeError, r"`in_axes` to be an int, None, or a pytree"),
+        ({"in_axes": True}, TypeError, r"Received: in_axes=True"),
+    ],
+)
 def test_vmap_rejects_bad_axes(reference, kwargs, error, message):
     model, _ = reference
     with pytest.raises(error, match=message):
         model.vmap(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"in_axes": -5}, r"Received: in_axes=-5, which is axis 0 of an input of rank 5"),
-    ({"in_axes": 5}, r"`in_axes` in \[-5, 5\) for an input of rank 5. Received: in_axes=5"),
-    ({"in_axes": 4, "out_axes": -5}, r"Received: out_axes=-5, which is axis 0 of an output"),
-    ({"in_axes": 4, "out_axes": 6}, r"`out_axes` in \[-5, 5\) for an output of rank 5"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"in_axes": -5}, r"Received: in_axes=-5, which is axis 0 of an input of rank 5"),
+        ({"in_axes": 5}, r"`in_axes` in \[-5, 5\) for an input of rank 5. Received: in_axes=5"),
+        ({"in_axes": 4, "out_axes": -5}, r"Received: out_axes=-5, which is axis 0 of an output"),
+        ({"in_axes": 4, "out_axes": 6}, r"`out_axes` in \[-5, 5\) for an output of rank 5"),
+    ],
+)
 def test_vmap_rejects_axes_out_of_range_when_called(reference, kwargs, message):
     model, x = reference
     with pytest.raises(ValueError, match=message):
@@ -295,8 +321,11 @@ def test_vmap_rejects_axes_out_of_range_when_called(reference, kwargs, message):
 def test_vmap_rejects_mapped_axes_of_different_sizes():
     model = hkfit.Model(lambda x: hk.Linear(2)(x["a"]) + hk.Linear(2)(x["b"]), loss="mse")
     x = {"a": np.ones((2, 3, 4), np.float32), "b": np.ones((2, 3, 5), np.float32)}
-    with pytest.raises(ValueError, match=r"same size.*x\['a'\] axis 2 of size 4, "
-                                         r"x\['b'\] axis 2 of size 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"same size.*x\['a'\] axis 2 of size 4, "
+        r"x\['b'\] axis 2 of size 5",
+    ):
         model.vmap(in_axes=-1).predict(x)
 
 
@@ -306,12 +335,19 @@ def test_vmap_rejects_in_axes_that_do_not_fit_the_inputs(reference):
         model.vmap(in_axes=(4, 4)).predict(x)
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"axis": 0}, ValueError, r"`axis` to be a views axis other than 0.*Received: axis=0"),
-    ({"pool": "sum"}, ValueError, r"`pool` to be one of 'max', 'mean' or None. Received: pool='sum'"),
-    ({"pool": "MAX"}, ValueError, r"Received: pool='MAX'"),
-    ({"axis": 1.0}, TypeError, r"`axis` to be an int.*Received: axis=1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"axis": 0}, ValueError, r"`axis` to be a views axis other than 0.*Received: axis=0"),
+        (
+            {"pool": "sum"},
+            ValueError,
+            r"`pool` to be one of 'max', 'mean' or None. Received: pool='sum'",
+        ),
+        ({"pool": "MAX"}, ValueError, r"Received: pool='MAX'"),
+        ({"axis": 1.0}, TypeError, r"`axis` to be an int.*Received: axis=1.0"),
+    ],
+)
 def test_multiview_rejects_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         hkfit.multiview(classifier, **kwargs)
@@ -322,11 +358,14 @@ def test_multiview_rejects_non_callable_forward():
         hkfit.multiview(hk.transform(classifier))
 
 
-@pytest.mark.parametrize("axis, message", [
-    (5, r"`axis` in \[-5, 5\) for an input of rank 5. Received: axis=5"),
-    (-6, r"Received: axis=-6"),
-    (-5, r"Received: axis=-5, which is axis 0 of an input of rank 5"),
-])
+@pytest.mark.parametrize(
+    "axis, message",
+    [
+        (5, r"`axis` in \[-5, 5\) for an input of rank 5. Received: axis=5"),
+        (-6, r"Received: axis=-6"),
+        (-5, r"Received: axis=-5, which is axis 0 of an input of rank 5"),
+    ],
+)
 def test_multiview_checks_axis_against_the_input_rank(axis, message):
     forward = hk.transform(hkfit.multiview(classifier, axis=axis))
     with pytest.raises(ValueError, match=message):

@@ -41,14 +41,24 @@ def crash_in_epoch(epoch_to_crash):
         if current.get("epoch") == epoch_to_crash and batch >= 1:
             raise Crash(f"crash in epoch {epoch_to_crash}")
 
-    return C.LambdaCallback(on_epoch_begin=lambda epoch, logs: current.update(epoch=epoch),
-                            on_train_batch_end=on_batch_end)
+    return C.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: current.update(epoch=epoch),
+        on_train_batch_end=on_batch_end,
+    )
 
 
 def run(model, callbacks, epochs=4):
     scheduler = C.LearningRateScheduler(lambda epoch, lr: lr * 0.5)
-    return model.fit(X, Y, epochs=epochs, batch_size=8, validation_split=0.25, verbose=0,
-                     steps_per_execution=1, callbacks=[*callbacks, scheduler])
+    return model.fit(
+        X,
+        Y,
+        epochs=epochs,
+        batch_size=8,
+        validation_split=0.25,
+        verbose=0,
+        steps_per_execution=1,
+        callbacks=[*callbacks, scheduler],
+    )
 
 
 def host(tree):
@@ -57,11 +67,15 @@ def host(tree):
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     clean_dir, crash_dir = str(tmp_path / "clean"), str(tmp_path / "crash")
-    clean = hkfit.Model(forward, loss="sparse_categorical_crossentropy", metrics=["accuracy"], seed=3)
+    clean = hkfit.Model(
+        forward, loss="sparse_categorical_crossentropy", metrics=["accuracy"], seed=3
+    )
     expected = run(clean, [C.BackupAndRestore(clean_dir)])
     assert not os.path.exists(clean_dir)  # deleted once training completed
 
-    model = hkfit.Model(forward, loss="sparse_categorical_crossentropy", metrics=["accuracy"], seed=3)
+    model = hkfit.Model(
+        forward, loss="sparse_categorical_crossentropy", metrics=["accuracy"], seed=3
+    )
     with pytest.raises(Crash):
         run(model, [crash_in_epoch(2), C.BackupAndRestore(crash_dir)])
     meta, _ = checkpoint.read(os.path.join(crash_dir, C.BackupAndRestore.FILENAME))
@@ -131,14 +145,21 @@ SCRIPT = textwrap.dedent("""
 def _run_script(tmp_path, backup_dir, out, kill_epoch=None):
     env = dict(os.environ)
     # Later runs reuse the first one's executables (same programs, so same numerics).
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     env.pop("HKFIT_TEST_KILL_EPOCH", None)
     if kill_epoch is not None:
         env["HKFIT_TEST_KILL_EPOCH"] = str(kill_epoch)
-    return subprocess.run([sys.executable, str(tmp_path / "train.py"), backup_dir, out],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(tmp_path / "train.py"), backup_dir, out],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _outputs(out):

@@ -26,7 +26,9 @@ def _setup(forward=_bn_forward, n=16, seed=0):
     y = rng.integers(0, 3, size=n).astype(np.int32)
     params, state = transformed.init(jax.random.key(0), x, is_training=True)
     optimizer = optax.sgd(0.1)
-    ts = TrainState(params, state, optimizer.init(params), jax.random.key(1), jnp.zeros((), jnp.int32))
+    ts = TrainState(
+        params, state, optimizer.init(params), jax.random.key(1), jnp.zeros((), jnp.int32)
+    )
 
     def apply_train(p, s, r, x_):
         return transformed.apply(p, s, r, x_, is_training=True)
@@ -35,23 +37,29 @@ def _setup(forward=_bn_forward, n=16, seed=0):
         return transformed.apply(p, s, None, x_, is_training=False)[0]
 
     acc = [metrics.get("accuracy", y_true_shape=(n,), y_pred_shape=(n, 3))]
-    train_step = step_lib.make_train_step(apply_train, losses.get("sparse_categorical_crossentropy"),
-                                          optimizer, acc)
-    eval_step = step_lib.make_eval_step(apply_eval, losses.get("sparse_categorical_crossentropy"), acc)
+    train_step = step_lib.make_train_step(
+        apply_train, losses.get("sparse_categorical_crossentropy"), optimizer, acc
+    )
+    eval_step = step_lib.make_eval_step(
+        apply_eval, losses.get("sparse_categorical_crossentropy"), acc
+    )
     return ts, Batch(x, y, np.ones(n, np.float32)), train_step, eval_step, acc
 
 
 class StepTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_train_step_lowers_loss(self):
         ts, batch, train_step, eval_step, acc = _setup()
         train = self.variant(train_step)
         evaluate = self.variant(eval_step)
-        before = step_lib.compute_logs(evaluate(ts.params, ts.state, step_lib.empty_logs(acc), batch), acc)
+        before = step_lib.compute_logs(
+            evaluate(ts.params, ts.state, step_lib.empty_logs(acc), batch), acc
+        )
         for _ in range(20):
             ts, _ = train(ts, step_lib.empty_logs(acc), batch)
-        after = step_lib.compute_logs(evaluate(ts.params, ts.state, step_lib.empty_logs(acc), batch), acc)
+        after = step_lib.compute_logs(
+            evaluate(ts.params, ts.state, step_lib.empty_logs(acc), batch), acc
+        )
         self.assertLess(after["loss"], before["loss"] * 0.8)
         self.assertEqual(int(ts.step), 20)
 
@@ -64,8 +72,10 @@ class StepTest(chex.TestCase):
                 self.assertTrue(bool(jnp.any(ts.state[name][leaf] != new_ts.state[name][leaf])))
         # eval_step returns only logs: the state it was given is all it can read
         logs = self.variant(eval_step)(ts.params, ts.state, step_lib.empty_logs(acc), batch)
-        self.assertEqual(jax.tree_util.tree_structure(logs),
-                         jax.tree_util.tree_structure(step_lib.empty_logs(acc)))
+        self.assertEqual(
+            jax.tree_util.tree_structure(logs),
+            jax.tree_util.tree_structure(step_lib.empty_logs(acc)),
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_masked_rows_have_zero_gradient(self):
@@ -85,7 +95,9 @@ class StepTest(chex.TestCase):
 
     def test_gradient_of_masked_rows_is_exactly_zero(self):
         weights = jnp.array([1.0, 0.0, 2.0])
-        grad = jax.grad(lambda v: step_lib.weighted_mean(v, weights))(jnp.array([1.0, jnp.nan, 3.0]))
+        grad = jax.grad(lambda v: step_lib.weighted_mean(v, weights))(
+            jnp.array([1.0, jnp.nan, 3.0])
+        )
         chex.assert_trees_all_close(grad, jnp.array([1 / 3, 0.0, 2 / 3]))
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -96,7 +108,6 @@ class StepTest(chex.TestCase):
 
 
 class FusedTest(parameterized.TestCase):
-
     def test_fused_steps_equal_single_steps(self):
         ts, batch, train_step, _, acc = _setup(n=32)
         data = jax.device_put(batch)
@@ -130,7 +141,8 @@ class FusedTest(parameterized.TestCase):
         for b in range(3):  # 13 rows = 5 + 5 + 3 (padded to 5)
             logs = run(ts.params, ts.state, logs, jax.device_put(batch), b, 1)
         y_pred = hk.transform_with_state(_bn_forward).apply(
-            ts.params, ts.state, None, batch.x, is_training=False)[0]
+            ts.params, ts.state, None, batch.x, is_training=False
+        )[0]
         expected = losses.sparse_categorical_crossentropy(batch.y, y_pred).mean()
         got = step_lib.compute_logs(logs, acc)
         np.testing.assert_allclose(got["loss"], expected, rtol=1e-5)
@@ -140,7 +152,8 @@ class FusedTest(parameterized.TestCase):
     def test_fused_predict_writes_every_row(self, fuse):
         ts, batch, _, _, _ = _setup(n=13)
         apply_eval = lambda p, s, x: hk.transform_with_state(_bn_forward).apply(
-            p, s, None, x, is_training=False)[0]
+            p, s, None, x, is_training=False
+        )[0]
         run = jax.jit(step_lib.make_fused_predict(step_lib.make_predict_step(apply_eval), 5, fuse))
         out = jnp.zeros((15, 3))
         count = 3 if fuse else 1

@@ -22,13 +22,17 @@ def linear(x):
 
 # --- Broken layers: each is caught, and the message names the property. -----------------
 
+
 def test_batch_mixing_in_eval_mode_is_caught():
     def forward(x, is_training):
         del is_training  # The bug: the batch mean is used in every mode.
         return hk.Linear(2)(x - jnp.mean(x, axis=0))
 
-    with pytest.raises(AssertionError, match=r"batch_independent\[is_training=False\] failed"
-                       r".*max abs difference [0-9.]+ at index \(\d+, \d+\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"batch_independent\[is_training=False\] failed"
+        r".*max abs difference [0-9.]+ at index \(\d+, \d+\)",
+    ):
         check_layer(forward, X)
 
 
@@ -41,13 +45,16 @@ def test_batch_mixing_in_train_mode_without_state_is_caught():
 
 
 def test_nan_output_is_caught():
-    with pytest.raises(AssertionError, match=r"finite_output failed: output has \d+ non-finite"
-                       r" values of 8 \(first at index \(\d, \d\): nan\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"finite_output failed: output has \d+ non-finite"
+        r" values of 8 \(first at index \(\d, \d\): nan\)",
+    ):
         check_layer(lambda x: jnp.log(linear(x)), X)
 
 
 def test_inf_output_is_caught_in_a_pytree():
-    forward = lambda x: {"ok": linear(x), "bad": linear(x) / 0.0}  # noqa: E731
+    forward = lambda x: {"ok": linear(x), "bad": linear(x) / 0.0}
     with pytest.raises(AssertionError, match=r"finite_output failed: output\['bad'\]"):
         check_layer(forward, X)
 
@@ -57,8 +64,11 @@ def test_non_finite_gradient_is_caught():
         return jnp.sqrt(jnp.sum(linear(x) ** 2, axis=-1))
 
     x = X.at[0].set(0.0)  # Row 0 maps to the zero bias.
-    with pytest.raises(AssertionError, match=r"finite_grads failed: .*parameter 'linear/b' "
-                       r"has 2 non-finite values of 2 \(first at index \(0,\): nan\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"finite_grads failed: .*parameter 'linear/b' "
+        r"has 2 non-finite values of 2 \(first at index \(0,\): nan\)",
+    ):
         check_layer(forward, x)
 
 
@@ -68,14 +78,17 @@ def test_python_counter_baked_in_at_trace_time_is_caught():
     def forward(x):
         return linear(x) + next(calls)  # A Python int: a constant once traced.
 
-    with pytest.raises(AssertionError, match=r"jit_consistent failed: jitted and non-jitted "
-                       r"apply disagree.*max abs difference 1 at index"):
+    with pytest.raises(
+        AssertionError,
+        match=r"jit_consistent failed: jitted and non-jitted "
+        r"apply disagree.*max abs difference 1 at index",
+    ):
         check_layer(forward, X)
 
 
 def test_numpy_random_draw_is_caught():
     rng = np.random.default_rng(0)
-    forward = lambda x: linear(x) * rng.uniform(1.0, 2.0)  # noqa: E731
+    forward = lambda x: linear(x) * rng.uniform(1.0, 2.0)
     with pytest.raises(AssertionError, match="jit_consistent failed"):
         check_layer(forward, X)
     with pytest.raises(AssertionError, match="deterministic failed: two calls with the same rng"):
@@ -91,19 +104,26 @@ def test_layer_that_ignores_its_rng_key_is_caught():
     # Eval mode may ignore the key.
     report = check_layer(forward, X, is_training=False, vmap_consistent=False, finite_grads=False)
     assert "deterministic[is_training=False]" in report.checked
-    with pytest.raises(AssertionError, match=r"deterministic\[is_training=True\] failed: the "
-                       r"layer calls hk.next_rng_key\(\) but .* it ignores its random key"):
+    with pytest.raises(
+        AssertionError,
+        match=r"deterministic\[is_training=True\] failed: the "
+        r"layer calls hk.next_rng_key\(\) but .* it ignores its random key",
+    ):
         check_layer(forward, X, is_training=True)
 
 
 def test_wrong_output_shape_and_dtype_are_caught():
-    with pytest.raises(AssertionError, match=r"output_shape failed: output has shape \(4, 2\), "
-                       r"expected \(None, 5\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"output_shape failed: output has shape \(4, 2\), "
+        r"expected \(None, 5\)",
+    ):
         check_layer(linear, X, output_shape=(None, 5))
     with pytest.raises(AssertionError, match=r"output_shape failed: the output has structure"):
         check_layer(linear, X, output_shape={"logits": (4, 2)})
-    with pytest.raises(AssertionError, match="output_dtype failed: output has dtype float32, "
-                       "expected bfloat16"):
+    with pytest.raises(
+        AssertionError, match="output_dtype failed: output has dtype float32, expected bfloat16"
+    ):
         check_layer(linear, X, output_dtype=jnp.bfloat16)
 
 
@@ -120,8 +140,11 @@ def test_param_without_gradient_is_caught_by_path():
             del unused
             return hk.Linear(2)(x) * jax.lax.stop_gradient(frozen)
 
-    with pytest.raises(AssertionError, match=r"finite_grads failed: .* \['scaled/frozen', "
-                       r"'scaled/unused'\] in every checked mode"):
+    with pytest.raises(
+        AssertionError,
+        match=r"finite_grads failed: .* \['scaled/frozen', "
+        r"'scaled/unused'\] in every checked mode",
+    ):
         check_layer(lambda x: Scaled()(x), X)
 
 
@@ -141,12 +164,20 @@ def test_vmap_inconsistency_is_caught():
 
 # --- Correct layers pass. ------------------------------------------------------------------
 
+
 def test_linear_passes_every_check():
     report = check_layer(linear, X, output_shape=(None, 2), output_dtype=jnp.float32)
     assert isinstance(report, LayerReport)
-    assert report.checked == ("output_shape", "output_dtype", "finite_output", "jit_consistent",
-                              "deterministic", "batch_independent", "vmap_consistent",
-                              "finite_grads")
+    assert report.checked == (
+        "output_shape",
+        "output_dtype",
+        "finite_output",
+        "jit_consistent",
+        "deterministic",
+        "batch_independent",
+        "vmap_consistent",
+        "finite_grads",
+    )
     assert report.skipped == {}
 
 
@@ -158,12 +189,16 @@ def test_conv2d_passes():
 def test_batchnorm_in_train_mode_fails_batch_independence_with_the_fix():
     def forward(x, is_training):
         x = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9)(
-            hk.Linear(4)(x), is_training)
+            hk.Linear(4)(x), is_training
+        )
         return hk.Linear(2)(jax.nn.relu(x))
 
-    with pytest.raises(AssertionError, match=r"batch_independent\[is_training=True\] failed: an "
-                       r"output row changes when its input row is passed alone .* pass "
-                       r"is_training=False to check eval mode only, or batch_independent=False"):
+    with pytest.raises(
+        AssertionError,
+        match=r"batch_independent\[is_training=True\] failed: an "
+        r"output row changes when its input row is passed alone .* pass "
+        r"is_training=False to check eval mode only, or batch_independent=False",
+    ):
         check_layer(forward, X, output_shape=(4, 2))
     report = check_layer(forward, X, is_training=False, output_shape=(4, 2))
     assert "batch_independent[is_training=False]" in report.checked
@@ -175,8 +210,9 @@ def test_plain_batchnorm_layer_mixes_rows_in_train_mode_only():
     def forward(x, is_training):
         return hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9)(x, is_training)
 
-    assert "batch_independent[is_training=False]" in check_layer(
-        forward, X, is_training=False).checked
+    assert (
+        "batch_independent[is_training=False]" in check_layer(forward, X, is_training=False).checked
+    )
     with pytest.raises(AssertionError, match=r"batch_independent\[is_training=True\] failed"):
         check_layer(forward, X, is_training=True)
 
@@ -188,8 +224,13 @@ def _constant_kernels(next_creator, shape, dtype, init, context):
 
 
 def _tiny_resnet(x, is_training):
-    net = hk.nets.ResNet(blocks_per_group=(1, 1, 1, 1), num_classes=3, bottleneck=False,
-                         channels_per_group=(4, 4, 4, 4), resnet_v2=True)
+    net = hk.nets.ResNet(
+        blocks_per_group=(1, 1, 1, 1),
+        num_classes=3,
+        bottleneck=False,
+        channels_per_group=(4, 4, 4, 4),
+        resnet_v2=True,
+    )
     with hk.custom_creator(_constant_kernels):  # Keeps ResNet's zero-initialized logits.
         return net(x, is_training)
 
@@ -198,10 +239,18 @@ def test_resnet_batch_statistics_are_caught_behind_its_zero_initialized_logits()
     # At init the logits layer is all zeros, so every row's output is 0 whatever BatchNorm
     # does: the rows are compared again at randomly perturbed params.
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16, 3))
-    only_rows = dict(finite_output=False, jit_consistent=False, deterministic=False,
-                     vmap_consistent=False, finite_grads=False)
-    with pytest.raises(AssertionError, match=r"batch_independent\[is_training=True\] failed: .* "
-                       r"in the full batch at randomly perturbed params"):
+    only_rows = dict(
+        finite_output=False,
+        jit_consistent=False,
+        deterministic=False,
+        vmap_consistent=False,
+        finite_grads=False,
+    )
+    with pytest.raises(
+        AssertionError,
+        match=r"batch_independent\[is_training=True\] failed: .* "
+        r"in the full batch at randomly perturbed params",
+    ):
         check_layer(_tiny_resnet, x, is_training=True, **only_rows)
     report = check_layer(_tiny_resnet, x, is_training=False, **only_rows)
     assert report.checked == ("batch_independent[is_training=False]",)
@@ -211,8 +260,11 @@ def test_zero_initialized_layer_cannot_hide_batch_mixing():
     def forward(x):  # Rows mix, but the zero-initialized layer maps every row to 0 at init.
         return hk.Linear(2, w_init=jnp.zeros)(x - jnp.mean(x, axis=0))
 
-    with pytest.raises(AssertionError, match=r"batch_independent failed: .* at randomly "
-                       r"perturbed params: max abs difference"):
+    with pytest.raises(
+        AssertionError,
+        match=r"batch_independent failed: .* at randomly "
+        r"perturbed params: max abs difference",
+    ):
         check_layer(forward, X)
 
 
@@ -238,8 +290,9 @@ def test_zero_initialized_layer_passes_finite_grads():
     def forward(x):  # The zero-initialized outer layer blocks every gradient at init.
         return hk.Linear(2, w_init=jnp.zeros)(jnp.tanh(hk.Linear(4)(x)))
 
-    report = check_layer(forward, X, jit_consistent=False, batch_independent=False,
-                         vmap_consistent=False)
+    report = check_layer(
+        forward, X, jit_consistent=False, batch_independent=False, vmap_consistent=False
+    )
     assert report.checked == ("finite_output", "deterministic", "finite_grads")
 
 
@@ -261,7 +314,6 @@ def test_report_str_lists_checked_and_skipped():
 
 
 class LayerTestCaseTest(LayerTestCase):
-
     def test_assert_layer_returns_report(self):
         report = self.assertLayer(linear, X, output_shape=(4, 2))
         self.assertIn("batch_independent", report.checked)
@@ -280,6 +332,7 @@ class LayerTestCaseTest(LayerTestCase):
 
 # --- assert_compiles_once. -----------------------------------------------------------------
 
+
 def test_compiles_once_for_same_shapes():
     def step(params, batch):
         return jax.tree_util.tree_map(lambda p: p - 0.1 * jnp.mean(batch), params)
@@ -292,8 +345,11 @@ def test_compiles_once_for_same_shapes():
 
 
 def test_retrace_on_new_shape_fails_with_shapes():
-    with pytest.raises(AssertionError, match=r"traced 2 times in 3 calls, expected 1.*call 0: "
-                       r"\('float32\[4, 3\]',\); call 2: \('float32\[2, 3\]',\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"traced 2 times in 3 calls, expected 1.*call 0: "
+        r"\('float32\[4, 3\]',\); call 2: \('float32\[2, 3\]',\)",
+    ):
         assert_compiles_once(jnp.sin, (X,), (X,), (X[:2],))
 
 
@@ -303,49 +359,102 @@ def test_retrace_on_new_static_argument_fails():
         assert_compiles_once(lambda a, n: a * n, (X, 2), (X, 3), static_argnums=(1,))
 
 
-@pytest.mark.parametrize("args, error, message", [
-    ((), ValueError, "Expected at least one tuple of arguments"),
-    ((X,), TypeError, r"Expected each element of `args_list` to be a tuple .* Received: "
-                      r"args_list\[0\] of type"),
-])
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        ((), ValueError, "Expected at least one tuple of arguments"),
+        (
+            (X,),
+            TypeError,
+            r"Expected each element of `args_list` to be a tuple .* Received: "
+            r"args_list\[0\] of type",
+        ),
+    ],
+)
 def test_assert_compiles_once_bad_arguments(args, error, message):
     with pytest.raises(error, match=message):
         assert_compiles_once(jnp.sin, *args)
 
 
 def test_assert_compiles_once_rejects_non_callable():
-    with pytest.raises(TypeError, match="Expected `fn` to be callable. Received: fn of type int"):
+    with pytest.raises(TypeError, match=r"Expected `fn` to be callable\. Received: fn of type int"):
         assert_compiles_once(3, (X,))
 
 
 # --- Bad arguments of check_layer. ---------------------------------------------------------
+
 
 def _takes_flag(x, is_training):
     del is_training
     return linear(x)
 
 
-@pytest.mark.parametrize("forward, x, kwargs, error, message", [
-    (linear, X[:1], {}, ValueError, r"Expected `x` to have a batch of at least 2 rows when "
-     r"`batch_independent=True` .* Received: x.shape=\(1, 3\)\."),
-    (linear, X[:0], {"batch_independent": False}, ValueError,
-     r"at least 1 row\. Received: x.shape=\(0, 3\)\."),
-    (linear, {"a": X, "b": X[:2]}, {}, ValueError,
-     r"leading batch axis of one size\. Received: x shapes=\{'a': \(4, 3\), 'b': \(2, 3\)\}"),
-    (linear, jnp.float32(1.0), {}, ValueError, r"Received: x.shape=\(\)\."),
-    (linear, [], {}, TypeError, "Expected `x` to be an array or a pytree of arrays"),
-    (linear, X, {"output_shape": 5}, TypeError,
-     r"Expected `output_shape` to be a tuple of ints or None .* Received: output_shape=5\."),
-    (linear, X, {"output_dtype": "no-such-dtype"}, TypeError, "Expected `output_dtype`"),
-    (linear, X, {"is_training": True}, ValueError,
-     "Expected `is_training=None` because `forward` has no `is_training` parameter"),
-    (_takes_flag, X, {"is_training": "yes"}, TypeError,
-     "Expected `is_training` to be None, True or False. Received: is_training='yes'"),
-    (linear, X, {"seed": 1.5}, TypeError, r"Expected `seed` to be an int. Received: seed=1.5\."),
-    (linear, X, {"atol": -1.0}, ValueError, r"Expected `atol` >= 0. Received: atol=-1.0\."),
-    (hk.transform(linear), X, {}, TypeError,
-     "Expected `forward` to be a plain function .* Received: forward of type Transformed"),
-])
+@pytest.mark.parametrize(
+    "forward, x, kwargs, error, message",
+    [
+        (
+            linear,
+            X[:1],
+            {},
+            ValueError,
+            r"Expected `x` to have a batch of at least 2 rows when "
+            r"`batch_independent=True` .* Received: x.shape=\(1, 3\)\.",
+        ),
+        (
+            linear,
+            X[:0],
+            {"batch_independent": False},
+            ValueError,
+            r"at least 1 row\. Received: x.shape=\(0, 3\)\.",
+        ),
+        (
+            linear,
+            {"a": X, "b": X[:2]},
+            {},
+            ValueError,
+            r"leading batch axis of one size\. Received: x shapes=\{'a': \(4, 3\), 'b': \(2, 3\)\}",
+        ),
+        (linear, jnp.float32(1.0), {}, ValueError, r"Received: x.shape=\(\)\."),
+        (linear, [], {}, TypeError, "Expected `x` to be an array or a pytree of arrays"),
+        (
+            linear,
+            X,
+            {"output_shape": 5},
+            TypeError,
+            r"Expected `output_shape` to be a tuple of ints or None .* Received: output_shape=5\.",
+        ),
+        (linear, X, {"output_dtype": "no-such-dtype"}, TypeError, "Expected `output_dtype`"),
+        (
+            linear,
+            X,
+            {"is_training": True},
+            ValueError,
+            "Expected `is_training=None` because `forward` has no `is_training` parameter",
+        ),
+        (
+            _takes_flag,
+            X,
+            {"is_training": "yes"},
+            TypeError,
+            "Expected `is_training` to be None, True or False. Received: is_training='yes'",
+        ),
+        (
+            linear,
+            X,
+            {"seed": 1.5},
+            TypeError,
+            r"Expected `seed` to be an int. Received: seed=1.5\.",
+        ),
+        (linear, X, {"atol": -1.0}, ValueError, r"Expected `atol` >= 0. Received: atol=-1.0\."),
+        (
+            hk.transform(linear),
+            X,
+            {},
+            TypeError,
+            "Expected `forward` to be a plain function .* Received: forward of type Transformed",
+        ),
+    ],
+)
 def test_check_layer_bad_arguments(forward, x, kwargs, error, message):
     with pytest.raises(error, match=message):
         check_layer(forward, x, **kwargs)

@@ -26,13 +26,24 @@ Validation inside ``fit`` fires ``on_test_begin``, ``on_test_batch_*`` and
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 _HOOKS = (
-    "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
-    "on_train_batch_begin", "on_train_batch_end", "on_test_begin", "on_test_end",
-    "on_test_batch_begin", "on_test_batch_end", "on_predict_begin", "on_predict_end",
-    "on_predict_batch_begin", "on_predict_batch_end",
+    "on_train_begin",
+    "on_train_end",
+    "on_epoch_begin",
+    "on_epoch_end",
+    "on_train_batch_begin",
+    "on_train_batch_end",
+    "on_test_begin",
+    "on_test_end",
+    "on_test_batch_begin",
+    "on_test_batch_end",
+    "on_predict_begin",
+    "on_predict_end",
+    "on_predict_batch_begin",
+    "on_predict_batch_end",
 )
 BATCH_HOOKS = tuple(h for h in _HOOKS if "_batch_" in h)
 #: Keras aliases of the train batch hooks.
@@ -43,8 +54,8 @@ HOOKS = _HOOKS
 class Callback:
     """Base class: every hook is a no-op. ``self.model`` and ``self.params`` are set by fit."""
 
-    def __init__(self):
-        self.model = None
+    def __init__(self) -> None:
+        self.model: Any = None
         self.params: dict[str, Any] = {}
 
     def set_model(self, model) -> None:
@@ -81,8 +92,9 @@ class Callback:
         """True when this callback overrides batch hook ``hook`` (any batch hook if None),
         or its Keras alias, and so needs every batch and fresh batch logs."""
         hooks = BATCH_HOOKS if hook is None else (hook,)
-        return any(self._overrides(h) or (h in ALIASES and self._overrides(ALIASES[h]))
-                   for h in hooks)
+        return any(
+            self._overrides(h) or (h in ALIASES and self._overrides(ALIASES[h])) for h in hooks
+        )
 
 
 class CallbackList(Callback):
@@ -93,8 +105,10 @@ class CallbackList(Callback):
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
-                raise TypeError("Expected every entry of `callbacks` to be an hkfit.callbacks."
-                                f"Callback. Received: {cb!r} of type {type(cb).__name__}.")
+                raise TypeError(
+                    "Expected every entry of `callbacks` to be an hkfit.callbacks."
+                    f"Callback. Received: {cb!r} of type {type(cb).__name__}."
+                )
         if model is not None:
             self.set_model(model)
         if params is not None:
@@ -128,7 +142,7 @@ class CallbackList(Callback):
 class History(Callback):
     """Records epoch logs: ``history.history["loss"][i]`` is the loss of ``history.epoch[i]``."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.epoch: list[int] = []
         self.history: dict[str, list[float]] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from typing import Any
+from typing import Any, TextIO
 
 from hkfit.callbacks.base import Callback
 from hkfit.callbacks.monitor import improves, monitored, resolve_mode
@@ -43,14 +43,25 @@ class ModelCheckpoint(Callback):
       ValueError: if a placeholder of ``filepath`` is not in the logs.
     """
 
-    def __init__(self, filepath: str | os.PathLike, monitor: str = "val_loss", verbose: int = 0,
-                 save_best_only: bool = False, save_weights_only: bool = False, mode: str = "auto",
-                 save_freq: Any = "epoch", initial_value_threshold: float | None = None):
+    def __init__(
+        self,
+        filepath: str | os.PathLike,
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "auto",
+        save_freq: Any = "epoch",
+        initial_value_threshold: float | None = None,
+    ):
         super().__init__()
-        if save_freq != "epoch" and (not isinstance(save_freq, int) or isinstance(save_freq, bool)
-                                     or save_freq < 1):
-            raise ValueError("Expected `save_freq` to be 'epoch' or an int >= 1 (batches). "
-                             f"Received: save_freq={save_freq!r}.")
+        if save_freq != "epoch" and (
+            not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1
+        ):
+            raise ValueError(
+                "Expected `save_freq` to be 'epoch' or an int >= 1 (batches). "
+                f"Received: save_freq={save_freq!r}."
+            )
         self.filepath = os.fspath(filepath)
         self.monitor = monitor
         self.verbose = verbose
@@ -94,8 +105,10 @@ class ModelCheckpoint(Callback):
         try:
             return self.filepath.format(**fields)
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"Could not fill the placeholders of `filepath`={self.filepath!r} "
-                             f"({type(e).__name__}: {e}). Available: {sorted(fields)}.") from None
+            raise ValueError(
+                f"Could not fill the placeholders of `filepath`={self.filepath!r} "
+                f"({type(e).__name__}: {e}). Available: {sorted(fields)}."
+            ) from None
 
     def _save(self, epoch: int, batch: int | None, logs: dict | None) -> None:
         path = self.format_path(epoch, batch, logs)
@@ -105,12 +118,17 @@ class ModelCheckpoint(Callback):
                 return
             if not improves(self.mode, current, self.best):
                 if self.verbose:
-                    print(f"Epoch {epoch + 1}: {self.monitor} did not improve from {self.best}.",
-                          flush=True)
+                    print(
+                        f"Epoch {epoch + 1}: {self.monitor} did not improve from {self.best}.",
+                        flush=True,
+                    )
                 return
             if self.verbose:
-                print(f"Epoch {epoch + 1}: {self.monitor} improved to {current:.5g}, saving "
-                      f"to {path}.", flush=True)
+                print(
+                    f"Epoch {epoch + 1}: {self.monitor} improved to {current:.5g}, saving "
+                    f"to {path}.",
+                    flush=True,
+                )
             self.best = current
         elif self.verbose:
             print(f"Epoch {epoch + 1}: saving the model to {path}.", flush=True)
@@ -211,7 +229,7 @@ class CSVLogger(Callback):
         self.filename = os.fspath(filename)
         self.separator = separator
         self.append = append
-        self._file = None
+        self._file: TextIO | None = None
         self._keys: list[str] | None = None
         self._rows: list[dict] = []
         self._appending = False
@@ -220,8 +238,9 @@ class CSVLogger(Callback):
         self._rows, self._keys = [], None
         if not is_main_process():
             return
-        self._appending = (self.append and os.path.exists(self.filename)
-                           and os.path.getsize(self.filename) > 0)
+        self._appending = (
+            self.append and os.path.exists(self.filename) and os.path.getsize(self.filename) > 0
+        )
         if self._appending:
             with open(self.filename, newline="") as f:
                 header = next(csv.reader(f, delimiter=self.separator), [])
@@ -234,12 +253,15 @@ class CSVLogger(Callback):
         return csv.writer(self._file, delimiter=self.separator)
 
     def _write_all(self) -> None:
+        keys = self._keys
+        if self._file is None or keys is None:
+            raise RuntimeError("CSVLogger rewrites its file only after a first epoch was logged.")
         self._file.close()
         self._file = open(self.filename, "w", newline="")
         writer = self._writer()
-        writer.writerow(["epoch", *self._keys])
+        writer.writerow(["epoch", *keys])
         for row in self._rows:
-            writer.writerow([row["epoch"], *(row["logs"].get(k, "NA") for k in self._keys)])
+            writer.writerow([row["epoch"], *(row["logs"].get(k, "NA") for k in keys)])
 
     def on_epoch_end(self, epoch, logs=None):
         if not is_main_process():
@@ -257,8 +279,11 @@ class CSVLogger(Callback):
             self._write_all()
         else:
             if new:
-                warnings.warn(f"CSVLogger is appending to {self.filename!r}, whose columns do not "
-                              f"include {new}; those values are not written.", stacklevel=2)
+                warnings.warn(
+                    f"CSVLogger is appending to {self.filename!r}, whose columns do not "
+                    f"include {new}; those values are not written.",
+                    stacklevel=2,
+                )
             self._writer().writerow([epoch, *(logs.get(k, "NA") for k in self._keys)])
         self._file.flush()
 
@@ -288,8 +313,10 @@ class TensorBoard(Callback):
         try:
             from tensorboardX import SummaryWriter
         except ImportError as e:
-            raise ImportError("The TensorBoard callback needs tensorboardX: "
-                              "`pip install hkfit[tensorboard]` (or `pip install tensorboardX`).") from e
+            raise ImportError(
+                "The TensorBoard callback needs tensorboardX: "
+                "`pip install hkfit[tensorboard]` (or `pip install tensorboardX`)."
+            ) from e
         self._summary_writer = SummaryWriter
         self.log_dir = os.fspath(log_dir)
         self._writers: dict[str, Any] = {}

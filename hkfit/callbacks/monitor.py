@@ -11,7 +11,8 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,9 @@ _MAX_WORDS = ("acc", "auc", "precision", "recall", "f1", "iou")
 def resolve_mode(mode: str, monitor: str, owner: str) -> str:
     """``"min"`` or ``"max"``; ``"auto"`` reads the monitor name (accuracy, auc -> max)."""
     if mode not in ("auto", "min", "max"):
-        raise ValueError(f"Expected `mode` of {owner} to be 'auto', 'min' or 'max'. "
-                         f"Received: mode={mode!r}.")
+        raise ValueError(
+            f"Expected `mode` of {owner} to be 'auto', 'min' or 'max'. Received: mode={mode!r}."
+        )
     if mode != "auto":
         return mode
     name = monitor[4:] if monitor.startswith("val_") else monitor
@@ -35,7 +37,7 @@ def resolve_mode(mode: str, monitor: str, owner: str) -> str:
 
 
 def improves(mode: str, current: float, reference: float | None, min_delta: float = 0.0) -> bool:
-    """True when ``current`` beats ``reference`` by more than ``min_delta`` in direction ``mode``."""
+    """True when ``current`` beats ``reference`` by over ``min_delta`` in direction ``mode``."""
     if math.isnan(current):
         return False
     if reference is None:
@@ -51,8 +53,11 @@ def monitored(logs: dict | None, monitor: str, owner: str, warned: set) -> float
     if value is None:
         if monitor not in warned:
             warned.add(monitor)
-            warnings.warn(f"{owner} monitors `{monitor}`, which is not in the logs of this epoch. "
-                          f"Available: {sorted(logs or {})}.", stacklevel=3)
+            warnings.warn(
+                f"{owner} monitors `{monitor}`, which is not in the logs of this epoch. "
+                f"Available: {sorted(logs or {})}.",
+                stacklevel=3,
+            )
         return None
     return float(value)
 
@@ -93,9 +98,17 @@ class EarlyStopping(Callback):
     'min'
     """
 
-    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
-                 verbose: int = 0, mode: str = "auto", baseline: float | None = None,
-                 restore_best_weights: bool = False, start_from_epoch: int = 0):
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        min_delta: float = 0.0,
+        patience: int = 0,
+        verbose: int = 0,
+        mode: str = "auto",
+        baseline: float | None = None,
+        restore_best_weights: bool = False,
+        start_from_epoch: int = 0,
+    ):
         super().__init__()
         self.monitor = monitor
         self.min_delta = abs(float(min_delta))
@@ -106,12 +119,13 @@ class EarlyStopping(Callback):
         self.restore_best_weights = restore_best_weights
         self.start_from_epoch = _check_nonnegative_int(start_from_epoch, "start_from_epoch")
         self._warned: set = set()
+        self.best: float | None = None
         self.on_train_begin()
 
     def on_train_begin(self, logs=None):
         self.wait = 0
         self.stopped_epoch = 0
-        self.best: float | None = None
+        self.best = None
         self.best_epoch = 0
         self.best_weights = None
 
@@ -141,8 +155,11 @@ class EarlyStopping(Callback):
             print(f"Epoch {self.stopped_epoch + 1}: early stopping", flush=True)
         if self.restore_best_weights and self.best_weights is not None:
             if self.verbose:
-                print(f"Restoring the weights from the end of the best epoch ({self.best_epoch + 1}).",
-                      flush=True)
+                print(
+                    "Restoring the weights from the end of the best epoch "
+                    f"({self.best_epoch + 1}).",
+                    flush=True,
+                )
             self.model.params, self.model.state = self.best_weights
             self.best_weights = None
 
@@ -184,21 +201,34 @@ class LambdaCallback(Callback):
     >>> cb = LambdaCallback(on_epoch_end=lambda epoch, logs: print(epoch, logs["loss"]))
     """
 
-    def __init__(self, on_epoch_begin: Callable | None = None, on_epoch_end: Callable | None = None,
-                 on_train_begin: Callable | None = None, on_train_end: Callable | None = None,
-                 on_train_batch_begin: Callable | None = None,
-                 on_train_batch_end: Callable | None = None, **hooks: Callable):
+    def __init__(
+        self,
+        on_epoch_begin: Callable | None = None,
+        on_epoch_end: Callable | None = None,
+        on_train_begin: Callable | None = None,
+        on_train_end: Callable | None = None,
+        on_train_batch_begin: Callable | None = None,
+        on_train_batch_end: Callable | None = None,
+        **hooks: Callable,
+    ):
         super().__init__()
         unknown = sorted(set(hooks) - set(HOOKS))
         if unknown:
-            raise TypeError(f"Unknown hook names {unknown} for LambdaCallback. Expected names "
-                            f"from {list(HOOKS)}.")
-        hooks.update(on_epoch_begin=on_epoch_begin, on_epoch_end=on_epoch_end,
-                     on_train_begin=on_train_begin, on_train_end=on_train_end,
-                     on_train_batch_begin=on_train_batch_begin,
-                     on_train_batch_end=on_train_batch_end)
-        self._given = set()
-        for name, fn in hooks.items():
+            raise TypeError(
+                f"Unknown hook names {unknown} for LambdaCallback. Expected names "
+                f"from {list(HOOKS)}."
+            )
+        functions: dict[str, Callable | None] = dict(hooks)
+        functions.update(
+            on_epoch_begin=on_epoch_begin,
+            on_epoch_end=on_epoch_end,
+            on_train_begin=on_train_begin,
+            on_train_end=on_train_end,
+            on_train_batch_begin=on_train_batch_begin,
+            on_train_batch_end=on_train_batch_end,
+        )
+        self._given: set[str] = set()
+        for name, fn in functions.items():
             if fn is None:
                 continue
             if not callable(fn):
@@ -245,14 +275,16 @@ class LearningRateScheduler(Callback):
         self._pending: int | None = None
         try:
             params = inspect.signature(schedule).parameters.values()
-            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            positional = [
+                p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
             self._two_args = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
         except (TypeError, ValueError):
             self._two_args = True
 
     def on_train_begin(self, logs=None):
         if self.model.built:
-            self.model.learning_rate  # fails early, with the fix, without an injected rate
+            _ = self.model.learning_rate  # fails early, with the fix, without an injected rate
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.model.built:
@@ -276,12 +308,16 @@ class LearningRateScheduler(Callback):
         except (TypeError, ValueError):
             new = float("nan")
         if not math.isfinite(new) or new < 0:
-            raise ValueError("Expected `schedule` to return a finite learning rate >= 0. "
-                             f"Received: {value!r} for epoch {epoch}.")
+            raise ValueError(
+                "Expected `schedule` to return a finite learning rate >= 0. "
+                f"Received: {value!r} for epoch {epoch}."
+            )
         self.model.learning_rate = new
         if self.verbose:
-            print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {new:.6g}.",
-                  flush=True)
+            print(
+                f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {new:.6g}.",
+                flush=True,
+            )
 
 
 class ReduceLROnPlateau(Callback):
@@ -305,9 +341,17 @@ class ReduceLROnPlateau(Callback):
         injected learning rate.
     """
 
-    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
-                 verbose: int = 0, mode: str = "auto", min_delta: float = 1e-4,
-                 cooldown: int = 0, min_lr: float = 0.0):
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        factor: float = 0.1,
+        patience: int = 10,
+        verbose: int = 0,
+        mode: str = "auto",
+        min_delta: float = 1e-4,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+    ):
         super().__init__()
         if not 0 < factor < 1:
             raise ValueError(f"Expected `factor` in (0, 1). Received: factor={factor!r}.")
@@ -320,10 +364,11 @@ class ReduceLROnPlateau(Callback):
         self.cooldown = _check_nonnegative_int(cooldown, "cooldown")
         self.min_lr = float(min_lr)
         self._warned: set = set()
+        self.best: float | None = None
         self.on_train_begin()
 
     def on_train_begin(self, logs=None):
-        self.best: float | None = None
+        self.best = None
         self.wait = 0
         self.cooldown_counter = 0
 
@@ -344,11 +389,19 @@ class ReduceLROnPlateau(Callback):
                     new = max(old * self.factor, self.min_lr)
                     self.model.learning_rate = new
                     if self.verbose:
-                        print(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to "
-                              f"{new:.6g}.", flush=True)
+                        print(
+                            f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to "
+                            f"{new:.6g}.",
+                            flush=True,
+                        )
                     self.cooldown_counter = self.cooldown
                     self.wait = 0
 
 
-__all__ = ["EarlyStopping", "LambdaCallback", "LearningRateScheduler", "ReduceLROnPlateau",
-           "TerminateOnNaN"]
+__all__ = [
+    "EarlyStopping",
+    "LambdaCallback",
+    "LearningRateScheduler",
+    "ReduceLROnPlateau",
+    "TerminateOnNaN",
+]

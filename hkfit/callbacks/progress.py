@@ -13,8 +13,9 @@ from hkfit.distributed import is_main_process
 
 
 def format_logs(logs: dict) -> str:
-    return " - ".join(f"{k}: {v:.4g}" for k, v in logs.items()
-                      if isinstance(v, (float, int, np.floating)))
+    return " - ".join(
+        f"{k}: {v:.4g}" for k, v in logs.items() if isinstance(v, (float, int, np.floating))
+    )
 
 
 def in_notebook() -> bool:
@@ -37,7 +38,9 @@ def resolve_verbose(verbose: Any) -> int:
     if verbose == "auto":
         verbose = 1 if (sys.stderr.isatty() or in_notebook()) else 2
     if verbose not in (0, 1, 2) or isinstance(verbose, bool):
-        raise ValueError(f"Expected `verbose` to be 'auto', 0, 1 or 2. Received: verbose={verbose!r}.")
+        raise ValueError(
+            f"Expected `verbose` to be 'auto', 0, 1 or 2. Received: verbose={verbose!r}."
+        )
     return int(verbose) if is_main_process() else 0
 
 
@@ -46,10 +49,12 @@ def _make_bar(**kwargs):
     if in_notebook():
         try:
             from tqdm.notebook import tqdm as notebook_tqdm
+
             return notebook_tqdm(**kwargs)
         except Exception:  # ipywidgets missing or broken: fall back to text
             pass
     from tqdm.std import tqdm as std_tqdm
+
     return std_tqdm(file=sys.stderr, **kwargs)
 
 
@@ -75,8 +80,14 @@ class ProgressBar(Callback):
         self._start = time.perf_counter()
         self._seen = 0
         if self.verbose == 1:
-            self._bar = _make_bar(total=self.params.get("steps"), unit="step", leave=True,
-                                  desc=desc, dynamic_ncols=True, mininterval=self.refresh)
+            self._bar = _make_bar(
+                total=self.params.get("steps"),
+                unit="step",
+                leave=True,
+                desc=desc,
+                dynamic_ncols=True,
+                mininterval=self.refresh,
+            )
 
     def _advance(self, batch: int, logs) -> None:
         if self._bar is None:
