@@ -1,11 +1,22 @@
 """hkfit: Keras-style ``fit`` / ``evaluate`` / ``predict`` for Haiku and Optax.
 
 The public surface is this module plus the documented submodules ``callbacks``,
-``checkpoint``, ``distributed``, ``losses``, ``metrics``, ``optimizers``, ``step`` and
-``testing``. Modules whose names start with an underscore are internal.
+``checkpoint``, ``distributed``, ``losses``, ``metrics``, ``optimizers``,
+``regularizers``, ``step`` and ``testing``. Modules whose names start with an underscore
+are internal.
 """
 
-from hkfit import callbacks, checkpoint, distributed, losses, metrics, optimizers, step
+from hkfit import (
+    callbacks,
+    checkpoint,
+    distributed,
+    losses,
+    metrics,
+    optimizers,
+    regularizers,
+    step,
+)
+from hkfit._auxiliary import add_loss
 from hkfit._forward import with_is_training
 from hkfit._layout import DataParallel
 from hkfit.callbacks import Callback, History
@@ -17,6 +28,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Batch",
+    "add_loss",
     "Callback",
     "DataParallel",
     "History",
@@ -30,6 +42,7 @@ __all__ = [
     "metrics",
     "multiview",
     "optimizers",
+    "regularizers",
     "step",
     "with_is_training",
 ]

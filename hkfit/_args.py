@@ -38,12 +38,12 @@ def to_key(seed: Any) -> jax.Array:
     )
 
 
-def metric_specs(metrics: Any) -> list:
+def metric_specs(metrics: Any, arg: str = "metrics") -> list:
     """``metrics`` as a list, every name checked now (fail fast)."""
     if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Iterable):
         raise TypeError(
-            "Expected `metrics` to be a list of names, callables or metric "
-            f"objects. Received: metrics={metrics!r}."
+            f"Expected `{arg}` to be a list of names, callables or metric "
+            f"objects. Received: {arg}={metrics!r}."
         )
     specs = list(metrics)
     for spec in specs:

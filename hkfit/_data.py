@@ -356,28 +356,34 @@ def class_weights_for(y: np.ndarray, class_weight: Mapping[int, float]) -> np.nd
 
 
 def row_weights(n: int, y: PyTree, sample_weight: Any, class_weight: Mapping | None) -> np.ndarray:
-    """``sample_weight * class_weight[y]`` as a float32 vector of length ``n``."""
+    """``sample_weight * class_weight[y]`` as float32 weights of ``n`` rows.
+
+    ``sample_weight`` is one weight per row ``[n]``, or per element of the targets
+    ``[n, ...]`` (a ``[batch, seq]`` token mask for a language model), which the losses
+    and mean metrics then use per token.
+    """
     weights = np.ones(n, np.float32)
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, np.float32)
-        if sample_weight.shape != (n,):
+        if sample_weight.ndim == 0 or sample_weight.shape[0] != n:
             raise ValueError(
-                f"Expected `sample_weight` of shape ({n},), one weight per row. "
-                f"Received: shape {sample_weight.shape}."
+                f"Expected `sample_weight` of shape ({n},), one weight per row, or ({n}, ...) "
+                f"per token. Received: shape {sample_weight.shape}."
             )
         if (sample_weight < 0).any() or not np.isfinite(sample_weight).all():
             raise ValueError(
                 "Expected `sample_weight` to hold finite values >= 0. "
                 f"Received: min={sample_weight.min()}."
             )
-        weights = weights * sample_weight
+        weights = sample_weight.copy()
     if class_weight is not None:
         if not is_array(y):
             raise ValueError(
                 "`class_weight` needs `y` to be one array of class labels. "
                 f"Received: y of type {type(y).__name__}."
             )
-        weights = weights * class_weights_for(y, class_weight)
+        per_row = class_weights_for(y, class_weight)
+        weights = weights * per_row.reshape(per_row.shape + (1,) * (weights.ndim - 1))
     return weights
 
 
@@ -465,8 +471,34 @@ class Prefetcher:
         return item
 
 
+def batch_weights(w: Any, n: int) -> np.ndarray:
+    """The weights of an iterable's batch: ``[n]``, ``[n, 1]`` (flattened) or per token."""
+    w = np.asarray(w, np.float32)
+    if w.ndim == 0 or w.shape[0] != n:
+        raise ValueError(
+            f"Expected the sample weights of a batch to have {n} rows, one per example. "
+            f"Received: shape {w.shape}."
+        )
+    return w.reshape(n) if w.size == n else w
+
+
+def metric_mask(weights: np.ndarray) -> np.ndarray:
+    """What plain ``metrics=`` weigh rows by: 1 for every row, whatever its sample weight.
+
+    Per-token weights (``[n, seq]``, more axes than one per row) mark padding tokens with
+    0, and those stay masked for every metric.
+    """
+    weights = np.asarray(weights, np.float32)
+    if weights.ndim > 1:
+        return (weights > 0).astype(np.float32)
+    return np.ones(weights.shape, np.float32)
+
+
 def device_batch(batch: Any, sharding=None):
-    """``(x, y, w)`` of numpy arrays on the device, with ``w`` filled with ones when absent."""
+    """``(x, y, w, mask)`` on the device, ``w`` filled with ones when absent.
+
+    ``mask`` is :func:`metric_mask` of ``w``: the four fields of a :class:`hkfit.Batch`.
+    """
     x, y, w = split_batch(batch)
     x, y = to_numpy(x, "x"), to_numpy(y, "y")
     n = num_rows(x, "x")
@@ -475,8 +507,8 @@ def device_batch(batch: Any, sharding=None):
             f"Expected `x` and `y` of a batch to have the same number of rows. "
             f"Received: {n} and {num_rows(y, 'y')}."
         )
-    w = np.ones(n, np.float32) if w is None else np.asarray(w, np.float32).reshape(n)
-    return jax.device_put((x, y, w), sharding)
+    w = np.ones(n, np.float32) if w is None else batch_weights(w, n)
+    return jax.device_put((x, y, w, metric_mask(w)), sharding)
 
 
 def iterate(source: Iterable, steps: int | None):

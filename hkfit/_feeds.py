@@ -228,10 +228,11 @@ def chunks(tree: Any, num_rows: int, batch_size: int):
             return jax.device_put(jax.tree_util.tree_map(lambda a: a[first_row:stop], tree))
         index = np.arange(first_row, stop)
         part = jax.tree_util.tree_map(lambda a: a[np.minimum(index, num_rows - 1)], tree)
-        if isinstance(part, Batch):  # repeated rows must not count
-            part = part._replace(
-                weights=np.where(index < num_rows, part.weights, 0).astype(np.float32)
-            )
+        if isinstance(part, Batch):  # repeated rows must not count (weights may be per token)
+            real = (index < num_rows).reshape((-1,) + (1,) * (np.ndim(part.weights) - 1))
+            part = part._replace(weights=np.where(real, part.weights, 0).astype(np.float32))
+            if part.mask is not None:
+                part = part._replace(mask=np.where(real, part.mask, 0).astype(np.float32))
         return jax.device_put(part)
 
     starts = list(range(0, num_rows, rows))

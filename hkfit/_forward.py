@@ -220,3 +220,41 @@ def wrap(forward: Any) -> Forward:
         lambda params, state, rng, x: transformed.apply(params, state, rng, x)[0],
         transformed,
     )
+
+
+def _producer(jaxpr: Any, var: Any) -> Any:
+    for eqn in reversed(jaxpr.eqns):
+        if any(out is var for out in eqn.outvars):
+            return eqn
+    return None
+
+
+def _ends_in_probabilities(jaxpr: Any, var: Any, depth: int = 0) -> bool:
+    eqn = _producer(jaxpr, var)
+    if eqn is None or depth > 8:
+        return False
+    name = eqn.primitive.name
+    if name == "logistic" or eqn.params.get("name") in ("softmax", "sigmoid"):
+        return True
+    if name == "div":  # softmax inlined: exp(x - max) / sum(...)
+        numerator = _producer(jaxpr, eqn.invars[0])
+        return numerator is not None and numerator.primitive.name == "exp"
+    for value in eqn.params.values():  # a jitted or custom-derivative call: look inside
+        inner = getattr(value, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+            index = [i for i, out in enumerate(eqn.outvars) if out is var]
+            if index and len(inner.outvars) == len(eqn.outvars):
+                return _ends_in_probabilities(inner, inner.outvars[index[0]], depth + 1)
+    return False
+
+
+def emits_probabilities(closed_jaxpr: Any) -> bool:
+    """Whether a forward's (single) output comes straight out of a softmax or a sigmoid.
+
+    Read from the traced program (no computation), so a model built with a crossentropy
+    NAME, which means logits, can be warned at build time that it emits probabilities.
+    """
+    jaxpr = getattr(closed_jaxpr, "jaxpr", closed_jaxpr)
+    if len(jaxpr.outvars) != 1:
+        return False
+    return _ends_in_probabilities(jaxpr, jaxpr.outvars[0])

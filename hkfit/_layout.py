@@ -348,11 +348,11 @@ class DataParallel:
         x, y, w = data_lib.split_batch(batch)
         x, y = data_lib.to_numpy(x), data_lib.to_numpy(y)
         n = data_lib.num_rows(x, "x")
-        w = np.ones(n, np.float32) if w is None else np.asarray(w, np.float32).reshape(n)
-        local = (x, y, w)
+        w = np.ones(n, np.float32) if w is None else data_lib.batch_weights(w, n)
+        local = (x, y, w, data_lib.metric_mask(w))
         if jax.process_count() == 1:
             sharding = self.batch_sharding if n % self.num_replicas == 0 else self.replicated
-            return data_lib.device_batch(local, sharding)
+            return jax.device_put(local, sharding)
         total = n * jax.process_count()
         if total % self.num_replicas == 0:
             return jax.tree_util.tree_map(

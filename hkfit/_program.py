@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hkfit import _pacing
 from hkfit import step as step_lib
@@ -44,11 +45,14 @@ class Program:
         metrics: Sequence[Any] | None,
         layout: Any,
         inference_key: jax.Array,
+        *,
+        regularizer: Callable[[Any], Any] | None = None,
     ):
         self.forward, self.loss_fn, self.optimizer = forward, loss_fn, optimizer
         self.metrics = None if metrics is None else list(metrics)
         self.layout = layout
         self.inference_key = inference_key
+        self.regularizer = regularizer
         self._jitted: dict[tuple, Callable] = {}
         self._pacers: dict[tuple, _pacing.Pacer] = {}
         self._loops_help: bool | None = None
@@ -69,8 +73,13 @@ class Program:
     # --- Logs ---
 
     def empty_logs(self) -> tuple:
-        """Metric states of no example, placed by the layout."""
-        return self.layout.place_state(step_lib.empty_logs(self._metric_list()))
+        """Metric states of no example, placed by the layout.
+
+        Every leaf is its own buffer (a metric's ``empty()`` may reuse one array for
+        several fields), since the steps donate the logs.
+        """
+        logs = jax.tree_util.tree_map(np.array, step_lib.empty_logs(self._metric_list()))
+        return self.layout.place_state(logs)
 
     def read_logs(self, logs: tuple) -> dict[str, float]:
         """Metric states -> Python floats (a device sync)."""
@@ -88,7 +97,11 @@ class Program:
 
     def _train_step(self) -> Callable:
         return step_lib.make_train_step(
-            self.forward.apply_train, self.loss_fn, self.optimizer, self._metric_list()
+            self.forward.apply_train,
+            self.loss_fn,
+            self.optimizer,
+            self._metric_list(),
+            regularizer=self.regularizer,
         )
 
     def train_step(self, ts: TrainState) -> Callable:
@@ -116,7 +129,11 @@ class Program:
 
         def build():
             step = step_lib.make_eval_step(
-                self.apply_eval, self.loss_fn, self._metric_list(), keyed=True
+                self.apply_eval,
+                self.loss_fn,
+                self._metric_list(),
+                keyed=True,
+                regularizer=self.regularizer,
             )
             key = self.inference_key
             return jax.jit(
@@ -133,7 +150,11 @@ class Program:
 
         def build():
             step = step_lib.make_eval_step(
-                self.apply_eval, self.loss_fn, self._metric_list(), keyed=True
+                self.apply_eval,
+                self.loss_fn,
+                self._metric_list(),
+                keyed=True,
+                regularizer=self.regularizer,
             )
             run = step_lib.make_fused_eval(
                 step, batch_size, fuse, keyed=True, **self.layout.step_options("eval")

@@ -100,10 +100,11 @@ def fit_feeds(
             raise ValueError("Expected targets `y` for array inputs `x`. Received: y=None.")
         context.layout.local_batch_size(args.batch_size)  # refused before building
         x, y, n = data_lib.checked_arrays(x, y, check_inputs)
-        data = Batch(x, y, data_lib.row_weights(n, y, sample_weight, None))
+        weights = data_lib.row_weights(n, y, sample_weight, None)
+        data = Batch(x, y, weights, data_lib.metric_mask(weights))
         if args.validation_split:
             data, split = feeds.split_validation(data, args.validation_split)
-            validation_data = tuple(split)
+            validation_data = (split.x, split.y, split.weights)
         if class_weight is not None:
             rows = data_lib.num_rows(data.x, "x")
             data = data._replace(
@@ -229,7 +230,8 @@ def eval_feed(
         return feeds.Batches(x, None, context.layout.device_batch, name=name)
     x, y, n = data_lib.checked_arrays(x, y, check_inputs)
     context.build(x, y)
-    data = Batch(x, y, data_lib.row_weights(n, y, sample_weight, None))
+    weights = data_lib.row_weights(n, y, sample_weight, None)
+    data = Batch(x, y, weights, data_lib.metric_mask(weights))
     return feeds.EvalArrays(data, batch_size, context.layout, resident=resident)
 
 

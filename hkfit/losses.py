@@ -1,10 +1,16 @@
-"""Loss functions by name, built on ``optax.losses``.
+"""Losses: names, and Keras-compatible loss objects, built on ``optax.losses``.
 
-Every loss here maps ``(y_true, y_pred) -> per-example losses`` of shape ``[batch]``:
-the training step applies sample weights and padding masks itself, so losses never
-reduce over the batch (the optax convention).
+Every loss maps ``(y_true, y_pred) -> per-example losses``: shape ``[batch]``, or
+``[batch, ...]`` when the labels have more axes than the loss reduces (per-token losses
+``[batch, seq]`` of a language model). The training step applies sample weights (``[batch]``
+or per token) and padding masks itself, so losses never reduce over the batch (the optax
+convention); the objective is ``sum(w * loss) / sum(w)`` over every element.
 
-The crossentropy losses take *logits*, as Keras does with ``from_logits=True``.
+The crossentropy NAMES take *logits* (Keras's ``from_logits=True``). The loss objects
+(``SparseCategoricalCrossentropy(from_logits=False, label_smoothing=0.1)``, ...) take
+Keras's arguments and defaults, so code ported from Keras with a softmax output keeps its
+meaning; a model built with a crossentropy name whose forward ends in a softmax or a sigmoid
+gets a warning naming ``from_logits=False``.
 """
 
 from __future__ import annotations
@@ -15,14 +21,38 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hkfit._loss_objects import (
+    BinaryCrossentropy,
+    BinaryFocalCrossentropy,
+    CategoricalCrossentropy,
+    CategoricalFocalCrossentropy,
+    CategoricalHinge,
+    CosineSimilarity,
+    Hinge,
+    Huber,
+    KLDivergence,
+    LogCosh,
+    MeanAbsoluteError,
+    MeanSquaredError,
+    MeanSquaredLogarithmicError,
+    Poisson,
+    SparseCategoricalCrossentropy,
+    SquaredHinge,
+    looks_like_probabilities,
+)
+
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _mean_over_features(values: jax.Array) -> jax.Array:
-    """Averages every axis but the batch axis, giving one value per example."""
+def _mean_last(values: jax.Array) -> jax.Array:
+    """Averages the feature (last) axis, as Keras does; ``[batch]`` values stay as they are.
+
+    Other axes are kept: ``[batch, seq, features]`` gives one loss per token, which the
+    training step averages with per-token (or per-row) weights.
+    """
     if values.ndim <= 1:
         return values
-    return jnp.mean(values.reshape(values.shape[0], -1), axis=-1)
+    return jnp.mean(values, axis=-1)
 
 
 def match_trailing_unit(y_true: jax.Array, y_pred: jax.Array):
@@ -39,50 +69,73 @@ def sparse_categorical_crossentropy(y_true: jax.Array, y_pred: jax.Array) -> jax
     losses = optax.losses.softmax_cross_entropy_with_integer_labels(
         y_pred, jnp.asarray(y_true).astype(jnp.int32)
     )
-    return _mean_over_features(losses)
+    return losses
 
 
 def categorical_crossentropy(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
     """Softmax crossentropy from logits and one-hot (or soft) labels of the same shape."""
-    return _mean_over_features(optax.losses.softmax_cross_entropy(y_pred, y_true))
+    return optax.losses.softmax_cross_entropy(y_pred, y_true)
 
 
 def binary_crossentropy(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
     """Sigmoid crossentropy from logits; labels in ``[0, 1]``."""
     y_true = match_trailing_unit(y_true, y_pred).astype(y_pred.dtype)
-    return _mean_over_features(optax.losses.sigmoid_binary_cross_entropy(y_pred, y_true))
+    return _mean_last(optax.losses.sigmoid_binary_cross_entropy(y_pred, y_true))
 
 
 def mse(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
     """Mean squared error per example."""
     y_true = match_trailing_unit(y_true, y_pred)
-    return _mean_over_features(optax.losses.squared_error(y_pred, y_true.astype(y_pred.dtype)))
+    return _mean_last(optax.losses.squared_error(y_pred, y_true.astype(y_pred.dtype)))
 
 
 def mae(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
     """Mean absolute error per example."""
     y_true = match_trailing_unit(y_true, y_pred)
-    return _mean_over_features(jnp.abs(y_pred - y_true.astype(y_pred.dtype)))
+    return _mean_last(jnp.abs(y_pred - y_true.astype(y_pred.dtype)))
 
 
 def huber(y_true: jax.Array, y_pred: jax.Array, delta: float = 1.0) -> jax.Array:
     """Huber loss per example (``delta=1``, as Keras)."""
     y_true = match_trailing_unit(y_true, y_pred)
-    return _mean_over_features(
-        optax.losses.huber_loss(y_pred, y_true.astype(y_pred.dtype), delta=delta)
-    )
+    return _mean_last(optax.losses.huber_loss(y_pred, y_true.astype(y_pred.dtype), delta=delta))
 
 
 _LOSSES: dict[str, LossFn] = {
     "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
     "categorical_crossentropy": categorical_crossentropy,
     "binary_crossentropy": binary_crossentropy,
+    "binary_focal_crossentropy": BinaryFocalCrossentropy(from_logits=True),
+    "categorical_focal_crossentropy": CategoricalFocalCrossentropy(from_logits=True),
     "mse": mse,
     "mean_squared_error": mse,
     "mae": mae,
     "mean_absolute_error": mae,
+    "msle": MeanSquaredLogarithmicError(),
+    "mean_squared_logarithmic_error": MeanSquaredLogarithmicError(),
     "huber": huber,
+    "log_cosh": LogCosh(),
+    "hinge": Hinge(),
+    "squared_hinge": SquaredHinge(),
+    "categorical_hinge": CategoricalHinge(),
+    "kl_divergence": KLDivergence(),
+    "poisson": Poisson(),
+    "cosine_similarity": CosineSimilarity(),
 }
+
+#: The loss names that take logits (Keras's ``from_logits=True``).
+LOGIT_NAMES = frozenset(name for name in _LOSSES if name.endswith("crossentropy"))
+
+
+def takes_logits(loss: object) -> bool:
+    """Whether ``loss`` (a name, a loss object or a callable) reads logits.
+
+    Names of crossentropies do; a loss object says so with ``from_logits``; other
+    callables are taken to read logits when they say nothing.
+    """
+    if isinstance(loss, str):
+        return loss in LOGIT_NAMES
+    return bool(getattr(loss, "from_logits", True))
 
 
 def get(loss: str | LossFn) -> LossFn:
@@ -157,8 +210,11 @@ def check_output(loss: str | LossFn, y_pred, y_true) -> None:
     if problem is None:
         try:
             result = jax.eval_shape(get(loss), y_true, y_pred)
-            if getattr(result, "shape", None) != (rows,):
-                problem = f"a loss of shape [batch]; it returned {getattr(result, 'shape', result)}"
+            if tuple(getattr(result, "shape", ()))[:1] != (rows,):
+                problem = (
+                    "a loss of shape [batch] (or [batch, ...] per token); it returned "
+                    f"{getattr(result, 'shape', result)}"
+                )
         except Exception as e:  # the loss rejected the shapes
             problem = f"shapes the loss accepts ({type(e).__name__}: {e})"
     if problem:
@@ -167,3 +223,36 @@ def check_output(loss: str | LossFn, y_pred, y_true) -> None:
             f"Received: forward output shape {out_shape} for {rows} rows, y shape {y_shape}. "
             "Change the last layer or the labels (e.g. one-hot vs integer labels)."
         )
+
+
+__all__ = [
+    "BinaryCrossentropy",
+    "BinaryFocalCrossentropy",
+    "CategoricalCrossentropy",
+    "CategoricalFocalCrossentropy",
+    "CategoricalHinge",
+    "CosineSimilarity",
+    "Hinge",
+    "Huber",
+    "KLDivergence",
+    "LogCosh",
+    "MeanAbsoluteError",
+    "MeanSquaredError",
+    "MeanSquaredLogarithmicError",
+    "Poisson",
+    "SparseCategoricalCrossentropy",
+    "SquaredHinge",
+    "LOGIT_NAMES",
+    "binary_crossentropy",
+    "categorical_crossentropy",
+    "check_output",
+    "get",
+    "huber",
+    "looks_like_probabilities",
+    "mae",
+    "match_trailing_unit",
+    "mse",
+    "names",
+    "sparse_categorical_crossentropy",
+    "takes_logits",
+]

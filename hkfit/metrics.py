@@ -11,6 +11,15 @@ A metric object has a ``name`` and four pure methods over a NamedTuple state:
 Everything is jit-friendly, so metric states stay on the device for a whole epoch and
 are read only when a log is needed. Any object with these four methods (and a ``name``)
 can be passed in ``Model(metrics=[...])``.
+
+Weights may also be per token (``[batch, seq]``): a mean metric is then a mean over
+tokens (per-token accuracy of a language model).
+
+Streaming metrics whose states are counts, so they merge exactly across batches and
+devices, follow Keras's arguments: :class:`AUC` (ROC and PR), :class:`Precision`,
+:class:`Recall`, :class:`F1Score`, :class:`FBetaScore`, :class:`MeanIoU`,
+:class:`R2Score`. The names ``"auc"``, ``"precision"``, ``"recall"`` and ``"f1"`` build
+binary-classification versions that read logits when the loss does.
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hkfit import _streaming_metrics as streaming
 from hkfit import losses as losses_lib
+from hkfit._streaming_metrics import AUC, F1Score, FBetaScore, MeanIoU, Precision, R2Score, Recall
 
 MetricFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -55,8 +66,7 @@ class Mean:
 
     def update(self, state: MeanState, y_true, y_pred, weights) -> MeanState:
         values = jnp.asarray(self.fn(y_true, y_pred), jnp.float32)
-        weights = jnp.asarray(weights, jnp.float32)
-        values = values.reshape(values.shape[0], -1).mean(axis=-1) if values.ndim > 1 else values
+        weights = align_weights(weights, values)  # per example, or per token
         # where(): a NaN in a padding row must not leak into the sum.
         total = jnp.sum(jnp.where(weights > 0, weights * values, 0.0))
         return MeanState(state.total + total, state.count + jnp.sum(weights))
@@ -71,9 +81,52 @@ class Mean:
         return f"Mean({self.name!r})"
 
 
+def align_weights(weights: jax.typing.ArrayLike, values: jax.Array) -> jax.Array:
+    """``weights`` broadcast to the shape of ``values`` (float32).
+
+    Weights ``[batch]`` spread over any further axes of ``values`` (every element of a row
+    weighs the row's weight); weights with more axes than ``values`` (per-token weights
+    ``[batch, seq]`` meeting one value per row) are summed over the extra axes first.
+    """
+    w = jnp.asarray(weights, jnp.float32)
+    if w.ndim > values.ndim:
+        w = w.reshape((*w.shape[: values.ndim], -1)).sum(axis=-1)
+    w = w.reshape(w.shape + (1,) * (values.ndim - w.ndim))
+    return jnp.broadcast_to(w, values.shape)
+
+
+class Weighted:
+    """A metric of ``Model(weighted_metrics=...)``: weighed by sample and class weights.
+
+    Plain ``metrics=`` see only which rows (or tokens) are real, as in Keras; a weighted
+    metric gets the same weights as the loss. It delegates everything else to ``metric``.
+    """
+
+    weighted = True
+
+    def __init__(self, metric: Any, name: str | None = None):
+        self.metric = metric
+        self.name = name or metric.name
+
+    def empty(self) -> Any:
+        return self.metric.empty()
+
+    def update(self, state: Any, y_true: Any, y_pred: Any, weights: Any) -> Any:
+        return self.metric.update(state, y_true, y_pred, weights)
+
+    def merge(self, a: Any, b: Any) -> Any:
+        return self.metric.merge(a, b)
+
+    def compute(self, state: Any) -> Any:
+        return self.metric.compute(state)
+
+    def __repr__(self) -> str:
+        return f"Weighted({self.metric!r}, name={self.name!r})"
+
+
 def _per_example(values: jax.Array) -> jax.Array:
-    values = values.astype(jnp.float32)
-    return values.reshape(values.shape[0], -1).mean(axis=-1) if values.ndim > 1 else values
+    """Values as float32, one per example or per token (no axis is reduced)."""
+    return values.astype(jnp.float32)
 
 
 def sparse_categorical_accuracy(y_true, y_pred):
@@ -140,7 +193,7 @@ _ACCURACY_ALIASES = ("accuracy", "acc")
 
 def names() -> list[str]:
     """The metric names that :func:`get` accepts."""
-    return sorted([*_NAMED, *_ACCURACY_ALIASES])
+    return sorted([*_NAMED, *_ACCURACY_ALIASES, *streaming.NAMED])
 
 
 def _resolve_accuracy(
@@ -162,6 +215,7 @@ def get(
     y_true_shape: Sequence[int] = (),
     y_pred_shape: Sequence[int] = (),
     loss_name: str | None = None,
+    from_logits: bool = True,
 ):
     """Resolves one entry of ``Model(metrics=...)`` to a metric object.
 
@@ -172,6 +226,8 @@ def get(
       y_pred_shape: shape of a batch of model outputs, used to resolve ``"accuracy"``.
       loss_name: the loss name, if any; a non-crossentropy loss with ``"accuracy"`` on a
         single output thresholds at 0.5 instead of at logit 0.
+      from_logits: whether the outputs are logits, for ``"auc"``, ``"precision"``,
+        ``"recall"`` and ``"f1"`` (a sigmoid is applied first).
 
     Returns:
       An object with ``name``, ``empty``, ``update``, ``merge`` and ``compute``.
@@ -183,6 +239,8 @@ def get(
     if isinstance(metric, str):
         if metric in _ACCURACY_ALIASES:
             return Mean(_resolve_accuracy(y_true_shape, y_pred_shape, loss_name), metric)
+        if metric in streaming.NAMED:
+            return streaming.named(metric, from_logits=from_logits)
         if metric not in _NAMED:
             raise ValueError(
                 f"Unknown metric name in `metrics`. Expected one of {names()}, a "
@@ -201,3 +259,27 @@ def get(
         "-> per-example values, or an object with empty/update/merge/compute. "
         f"Received: {metric!r} of type {type(metric).__name__}."
     )
+
+
+__all__ = [
+    "AUC",
+    "F1Score",
+    "FBetaScore",
+    "Mean",
+    "MeanIoU",
+    "MeanState",
+    "Precision",
+    "R2Score",
+    "Recall",
+    "TopKAccuracy",
+    "Weighted",
+    "align_weights",
+    "binary_accuracy",
+    "categorical_accuracy",
+    "get",
+    "names",
+    "sparse_categorical_accuracy",
+    "sparse_top_k_categorical_accuracy",
+    "top_k_accuracy",
+    "top_k_categorical_accuracy",
+]

@@ -10,6 +10,7 @@ runs no loop of its own.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hkfit import _args, _compat
+from hkfit import _auxiliary as auxiliary
 from hkfit import _data as data_lib
 from hkfit import _engine as engine
 from hkfit import _forward as forward_lib
@@ -29,9 +31,17 @@ from hkfit import losses as losses_lib
 from hkfit import metrics as metrics_lib
 from hkfit import multiview as multiview_lib
 from hkfit import optimizers as optimizers_lib
+from hkfit import regularizers as regularizers_lib
+from hkfit import step as step_lib
 from hkfit._layout import SingleDevice
 from hkfit._program import Program, zeros_like_spec
 from hkfit.step import Batch, TrainState
+
+
+def _class_name(loss_name: str) -> str:
+    """``"sparse_categorical_crossentropy"`` -> ``"SparseCategoricalCrossentropy"``."""
+    return "".join(part.capitalize() for part in loss_name.split("_"))
+
 
 # Distinct streams derived from the seed key.
 _INIT, _TRAIN, _SHUFFLE, _INFER = range(4)
@@ -68,7 +78,15 @@ class Model:
       loss: a name from ``hkfit.losses.names()`` or ``(y_true, y_pred) -> [batch]`` losses.
       optimizer: an ``optax.GradientTransformation`` or ``"adam"``, ``"adamw"``, ``"sgd"``,
         ``"rmsprop"`` (built with ``optax.inject_hyperparams``, default learning rates).
-      metrics: names, callables ``(y_true, y_pred) -> [batch]`` or metric objects.
+      metrics: names, callables ``(y_true, y_pred) -> [batch]`` or metric objects. As in
+        Keras they ignore sample and class weights: they see every real row (per-token
+        weights of 0, which mark padding tokens, still mask).
+      regularizer: ``params -> scalar`` added to the objective, e.g.
+        ``hkfit.regularizers.l2(1e-4, include=r"/w$")``; logged as ``regularization_loss``
+        and part of ``loss`` (in ``evaluate`` too, as Keras does).
+      weighted_metrics: the same kinds, weighted like the loss by ``sample_weight`` and
+        ``class_weight``; logged under their name, or ``weighted_<name>`` when a plain
+        metric has that name.
       seed: an int or a JAX key; the same seed and data give bit-identical results.
       distribution: ``None`` (one device) or a distribution strategy such as
         ``hkfit.DataParallel()``.
@@ -103,6 +121,8 @@ class Model:
         loss: Any,
         optimizer: Any = "adam",
         metrics: Sequence[Any] = (),
+        weighted_metrics: Sequence[Any] = (),
+        regularizer: Any = None,
         seed: Any = 0,
         distribution: Any = None,
     ):
@@ -114,6 +134,8 @@ class Model:
         self._loss_fn = losses_lib.get(loss)
         self.optimizer = optimizers_lib.get(optimizer)
         self._metric_specs = _args.metric_specs(metrics)
+        self._weighted_specs = _args.metric_specs(weighted_metrics, "weighted_metrics")
+        self._regularizer = regularizers_lib.get(regularizer)
         self._key = _args.to_key(seed)
         self.distribution = distribution
         self._layout = distribution or SingleDevice()
@@ -122,6 +144,7 @@ class Model:
         self._input_spec: Any = None
         self._program: Program | None = None
         self._checked: set = set()
+        self._warned_logits = False
         self.history = callbacks_lib.History()
         self.stop_training = False
         self.epoch = 0  # 1 + the index of the last completed epoch, as fit counts them
@@ -215,6 +238,8 @@ class Model:
             loss=self.loss,
             optimizer=self.optimizer,
             metrics=self._metric_specs,
+            weighted_metrics=self._weighted_specs,
+            regularizer=self._regularizer,
             seed=self._key,
             distribution=self.distribution,
         )
@@ -248,22 +273,26 @@ class Model:
         signature = (_args.signature(x), None if y is None else _args.signature(y))
         if signature not in self._checked:
             data_lib.check_input_spec(x, self._input_spec)
-            out = jax.eval_shape(
-                self.apply_fn, self.params, self.state, data_lib.take_rows(x, 0, 2)
+            jaxpr, out = jax.make_jaxpr(self.apply_fn, return_shape=True)(
+                self.params, self.state, data_lib.take_rows(x, 0, 2)
             )
             if y is not None:
                 sample_y = data_lib.take_rows(y, 0, 2)
                 losses_lib.check_output(self.loss, out, sample_y)
-                if self._metrics is None:
-                    y_shape = np.shape(sample_y) if data_lib.is_array(sample_y) else ()
-                    self._metrics = [
-                        metrics_lib.get(
-                            m,
-                            y_true_shape=y_shape,
-                            y_pred_shape=getattr(out, "shape", ()),
-                            loss_name=self._loss_name,
+                if self._loss_name in losses_lib.LOGIT_NAMES and not self._warned_logits:
+                    self._warned_logits = forward_lib.emits_probabilities(jaxpr)
+                    if self._warned_logits:
+                        warnings.warn(
+                            f"loss={self._loss_name!r} takes logits, but the forward ends in a "
+                            "softmax or a sigmoid. Return logits (drop the activation), or "
+                            "pass a loss object that takes probabilities: hkfit.losses."
+                            f"{_class_name(self._loss_name)}(from_logits=False).",
+                            stacklevel=4,
                         )
-                        for m in self._metric_specs
+                if self._metrics is None:
+                    sample_x = data_lib.take_rows(x, 0, 2)
+                    self._metrics = self._resolve_metrics(sample_y, out) + [
+                        step_lib.AuxLoss(name) for name in self._added_losses(sample_x)
                     ]
                     self._program = None
             self._checked.add(signature)
@@ -275,8 +304,47 @@ class Model:
                 self._metrics,
                 self._layout,
                 self._stream(_INFER),
+                regularizer=self._regularizer,
             )
         return self._program
+
+    def _added_losses(self, sample_x: Any) -> list[str]:
+        """Names of the losses the forward adds (``hkfit.add_loss``), plus regularization."""
+        names: list[str] = []
+        key = self._stream(_INFER)
+        for apply, args in (
+            (self._forward.apply_train, (self.params, self.state, key, sample_x)),
+            (self._forward.apply_eval, (self.params, self.state, key, sample_x)),
+        ):
+            try:
+                _, added = jax.eval_shape(lambda *a, f=apply: auxiliary.collect(f, *a), *args)
+            except TypeError:  # a model view does not train
+                continue
+            names += [name for name in added if name not in names]
+        if self._regularizer is not None:
+            names.append(step_lib.REGULARIZATION)
+        return names
+
+    def _resolve_metrics(self, sample_y: Any, out: Any) -> list:
+        """Metric objects for these labels and outputs; weighted ones wrapped and named."""
+
+        def get(spec: Any) -> Any:
+            return metrics_lib.get(
+                spec,
+                y_true_shape=np.shape(sample_y) if data_lib.is_array(sample_y) else (),
+                y_pred_shape=getattr(out, "shape", ()),
+                loss_name=self._loss_name,
+                from_logits=losses_lib.takes_logits(self.loss),
+            )
+
+        plain = [get(spec) for spec in self._metric_specs]
+        taken = {m.name for m in plain}
+        weighted = []
+        for spec in self._weighted_specs:
+            metric = get(spec)
+            name = f"weighted_{metric.name}" if metric.name in taken else metric.name
+            weighted.append(metrics_lib.Weighted(metric, name))
+        return plain + weighted
 
     def _context(self) -> runs.Context:
         """What the run functions need from the model, passed down explicitly."""
@@ -386,9 +454,11 @@ class Model:
         def end_epoch(epoch: int, logs: dict) -> None:
             self.epoch = epoch + 1
             self._epochs_trained += 1
-            rate = optimizers_lib.learning_rate(self._require_built("fit").opt_state)
-            if rate is not None:
-                logs["learning_rate"] = rate
+            rates = optimizers_lib.learning_rates(self._require_built("fit").opt_state)
+            if rates:  # the first group's, and each group's when there are several
+                logs["learning_rate"] = rates[min(rates)]
+                if len(rates) > 1:
+                    logs.update({f"learning_rate_{group}": rate for group, rate in rates.items()})
 
         plan = engine.FitPlan(
             cbs,

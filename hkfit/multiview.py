@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hkfit import _auxiliary as auxiliary
 from hkfit import _data as data_lib
 from hkfit import _forward as forward_lib
 
@@ -196,10 +197,14 @@ def multiview(forward: Callable, *, axis: int = -1, pool: str | None = "max") ->
         axes = _leaf_axes(axis, x, "axis", "input")
         _views_size(axes, x, "axis")
         mapped = hk.vmap(
-            per_view, in_axes=(axes,), out_axes=-1, axis_name=VIEWS_AXIS, split_rng=False
+            lambda view: auxiliary.collect(per_view, view),  # losses added per view
+            in_axes=(axes,),
+            out_axes=-1,
+            axis_name=VIEWS_AXIS,
+            split_rng=False,
         )
         try:
-            y = mapped(x)
+            y, added = mapped(x)
         except ValueError as err:
             if "out_axes is None" not in str(err):
                 raise
@@ -208,6 +213,8 @@ def multiview(forward: Callable, *, axis: int = -1, pool: str | None = "max") ->
                 "differently for each view, but the views share one state. Reduce over the "
                 f"views too: hk.BatchNorm(..., cross_replica_axis={VIEWS_AXIS!r})."
             ) from err
+        for name, value in added.items():  # the mean over views, added to the outer step
+            auxiliary.add_loss(jnp.mean(value, axis=-1), name)
         return _pool(y, pool)
 
     multiview_forward: Callable[..., Any]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hkfit import _auxiliary as auxiliary
 from hkfit import metrics as metrics_lib
 
 PyTree = Any
@@ -51,11 +52,28 @@ class TrainState(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """One batch: inputs, targets and per-row weights (0 marks padding), on host or device."""
+    """One batch, on the host or the device.
+
+    Attributes:
+      x: inputs.
+      y: targets.
+      weights: what the loss and ``weighted_metrics`` weigh each row (or token) by: sample
+        weight x class weight, 0 for padding.
+      mask: 1 for real rows (or tokens), 0 for padding: all that plain ``metrics`` see,
+        as in Keras. ``None`` means every row is real.
+    """
 
     x: PyTree
     y: PyTree
     weights: jax.Array | np.ndarray
+    mask: jax.Array | np.ndarray | None = None
+
+
+def row_mask(batch: Batch) -> jax.Array:
+    """The batch's padding mask (ones when it has none)."""
+    if batch.mask is not None:
+        return jnp.asarray(batch.mask, jnp.float32)
+    return jnp.ones(jnp.shape(batch.weights)[:1], jnp.float32)
 
 
 LOSS_METRIC = metrics_lib.Mean(lambda _, values: values, "loss")
@@ -66,24 +84,103 @@ def empty_logs(metrics: Sequence[Any]) -> tuple:
     return (LOSS_METRIC.empty(), *(m.empty() for m in metrics))
 
 
+class AuxLoss(metrics_lib.Mean):
+    """The running mean of one added loss (``hkfit.add_loss`` or a regularizer).
+
+    It is part of the reported ``loss`` (see :func:`compute_logs`) and logged under its
+    own name too. Its values are one per row; rows weigh what they weigh in the loss.
+    """
+
+    aux = True
+
+    def __init__(self, name: str):
+        super().__init__(lambda _, values: values, name)
+
+
+def row_weights_of(batch: Batch) -> jax.Array:
+    """One weight per row: per-token weights are summed over each row's tokens."""
+    weights = jnp.asarray(batch.weights, jnp.float32)
+    return weights.reshape(weights.shape[0], -1).sum(axis=-1) if weights.ndim > 1 else weights
+
+
 def update_logs(
-    logs: tuple, metrics: Sequence[Any], batch: Batch, y_pred: PyTree, per_example_loss: jax.Array
+    logs: tuple,
+    metrics: Sequence[Any],
+    batch: Batch,
+    y_pred: PyTree,
+    per_example_loss: jax.Array,
+    aux: dict[str, jax.Array] | None = None,
 ) -> tuple:
-    """Adds one batch to the metric states."""
+    """Adds one batch to the metric states.
+
+    The loss is weighted by ``batch.weights``; a metric is weighted the same way when it is
+    marked ``weighted`` (``Model(weighted_metrics=...)``), and sees only the padding mask
+    otherwise, as Keras's ``metrics=`` do. An :class:`AuxLoss` reads its per-row values
+    from ``aux`` (zeros when this batch added none under its name).
+    """
     loss_state = LOSS_METRIC.update(logs[0], None, per_example_loss, batch.weights)
-    others = tuple(m.update(s, batch.y, y_pred, batch.weights) for m, s in zip(metrics, logs[1:]))
-    return (loss_state, *others)
+    mask = row_mask(batch)
+    rows = row_weights_of(batch)
+    aux = aux or {}
+
+    def update(m, s):
+        if getattr(m, "aux", False):
+            return m.update(s, None, aux.get(m.name, jnp.zeros_like(rows)), rows)
+        return m.update(
+            s, batch.y, y_pred, batch.weights if getattr(m, "weighted", False) else mask
+        )
+
+    return (loss_state, *(update(m, s) for m, s in zip(metrics, logs[1:])))
+
+
+def objective_terms(
+    loss_fn: Callable,
+    batch: Batch,
+    y_pred: PyTree,
+    added: dict[str, jax.Array],
+    regularization: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """``(objective, per-example loss, aux)`` of one batch.
+
+    The objective is the weighted mean loss plus every loss the forward added with
+    ``hkfit.add_loss`` (and the regularization of the params), each as a weighted mean
+    over rows; ``aux`` holds those added losses, one value per row.
+    """
+    per_example = loss_fn(batch.y, y_pred)
+    total = weighted_mean(per_example, batch.weights)
+    rows = row_weights_of(batch)
+    if regularization is not None:
+        added = {**added, REGULARIZATION: regularization}
+    aux = {name: auxiliary.per_row(value, rows.shape[0]) for name, value in added.items()}
+    for value in aux.values():
+        total = total + weighted_mean(value, rows)
+    return total, per_example, aux
+
+
+REGULARIZATION = "regularization_loss"
 
 
 def compute_logs(logs: tuple, metrics: Sequence[Any]) -> dict[str, float]:
-    """Turns (host or device) metric states into a dict of Python floats."""
+    """Turns (host or device) metric states into a dict of Python floats.
+
+    ``loss`` is the total objective: the weighted mean loss plus every added loss
+    (:class:`AuxLoss`), each of which is also logged under its own name.
+    """
     values = {"loss": LOSS_METRIC.compute(logs[0])}
-    values.update({m.name: m.compute(s) for m, s in zip(metrics, logs[1:])})
+    for m, s in zip(metrics, logs[1:]):
+        values[m.name] = m.compute(s)
+        if getattr(m, "aux", False):
+            values["loss"] = values["loss"] + values[m.name]
     return {k: float(v) for k, v in values.items()}
 
 
-def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-    """``sum(w * values) / sum(w)``; rows with ``w == 0`` contribute neither value nor gradient."""
+def weighted_mean(values: jax.Array, weights: jax.typing.ArrayLike) -> jax.Array:
+    """``sum(w * values) / sum(w)``; rows with ``w == 0`` contribute neither value nor gradient.
+
+    ``values`` may hold one loss per example ``[batch]`` or per token ``[batch, seq]``;
+    ``weights`` ``[batch]`` or the same shape (see ``hkfit.metrics.align_weights``).
+    """
+    weights = metrics_lib.align_weights(weights, values)
     total = jnp.sum(jnp.where(weights > 0, weights * values, 0.0))
     return total / jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
 
@@ -98,38 +195,64 @@ def make_train_step(
     loss_fn: Callable,
     optimizer: optax.GradientTransformation,
     metrics: Sequence[Any] = (),
+    *,
+    regularizer: Callable[[PyTree], jax.Array] | None = None,
 ) -> Callable:
     """Builds ``train_step(ts, logs, batch) -> (ts, logs)`` for one batch.
 
     Args:
       apply_train: the forward function in training mode.
       loss_fn: ``(y_true, y_pred) -> per-example losses``.
-      optimizer: the Optax transformation.
+      optimizer: the Optax transformation; its update also gets the batch objective as
+        ``value=`` (for transforms such as ``optax.contrib.reduce_on_plateau``).
       metrics: metric objects (see :mod:`hkfit.metrics`), updated with the train-mode output.
+      regularizer: ``params -> scalar`` added to the objective (see
+        :mod:`hkfit.regularizers`); losses the forward adds with ``hkfit.add_loss`` are
+        added too (see :func:`objective_terms`).
 
     Returns:
       A pure function; dropout keys are ``fold_in(ts.rng, ts.step)``.
     """
 
+    optimizer = optax.with_extra_args_support(optimizer)
+
     def train_step(ts: TrainState, logs: tuple, batch: Batch):
         key = jax.random.fold_in(ts.rng, ts.step)
 
         def objective(params):
-            y_pred, new_state = apply_train(params, ts.state, key, batch.x)
-            per_example = loss_fn(batch.y, y_pred)
-            return weighted_mean(per_example, batch.weights), (y_pred, new_state, per_example)
+            (y_pred, new_state), added = auxiliary.collect(
+                apply_train, params, ts.state, key, batch.x
+            )
+            regularization = None if regularizer is None else regularizer(params)
+            total, per_example, aux = objective_terms(loss_fn, batch, y_pred, added, regularization)
+            return total, (y_pred, new_state, per_example, aux)
 
-        grads, (y_pred, new_state, per_example) = jax.grad(objective, has_aux=True)(ts.params)
-        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        (loss, (y_pred, new_state, per_example, aux)), grads = jax.value_and_grad(
+            objective, has_aux=True
+        )(ts.params)
+        # `value=` reaches transforms that need the loss (optax.contrib.reduce_on_plateau)
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params, value=loss)
         params = optax.apply_updates(ts.params, updates)
-        logs = update_logs(logs, metrics, batch, y_pred, jax.lax.stop_gradient(per_example))
+        logs = update_logs(
+            logs,
+            metrics,
+            batch,
+            y_pred,
+            jax.lax.stop_gradient(per_example),
+            jax.lax.stop_gradient(aux),
+        )
         return TrainState(params, new_state, opt_state, ts.rng, ts.step + 1), logs
 
     return train_step
 
 
 def make_eval_step(
-    apply_eval: Callable, loss_fn: Callable, metrics: Sequence[Any] = (), *, keyed: bool = False
+    apply_eval: Callable,
+    loss_fn: Callable,
+    metrics: Sequence[Any] = (),
+    *,
+    keyed: bool = False,
+    regularizer: Callable[[PyTree], jax.Array] | None = None,
 ) -> Callable:
     """Builds ``eval_step(params, state, logs, batch) -> logs`` for one batch.
 
@@ -138,8 +261,10 @@ def make_eval_step(
     """
 
     def eval_step(params, state, logs: tuple, batch: Batch, *rng):
-        y_pred = apply_eval(params, state, *rng, batch.x)
-        return update_logs(logs, metrics, batch, y_pred, loss_fn(batch.y, y_pred))
+        y_pred, added = auxiliary.collect(apply_eval, params, state, *rng, batch.x)
+        regularization = None if regularizer is None else regularizer(params)
+        _, per_example, aux = objective_terms(loss_fn, batch, y_pred, added, regularization)
+        return update_logs(logs, metrics, batch, y_pred, per_example, aux)
 
     return eval_step
 
@@ -152,7 +277,8 @@ def make_predict_step(apply_eval: Callable, *, keyed: bool = False) -> Callable:
     """
 
     def predict_step(params, state, x, *rng):
-        return apply_eval(params, state, *rng, x)
+        y_pred, _ = auxiliary.collect(apply_eval, params, state, *rng, x)  # added losses: dropped
+        return y_pred
 
     return predict_step
 
@@ -196,8 +322,7 @@ def make_fused_train(
         rows = jax.lax.dynamic_index_in_dim(idx, b, keepdims=False)
         n = num_rows_of(data.x)
         batch = gather(data, jnp.minimum(rows, n - 1))  # rows >= n are zero-weight padding
-        valid = (rows < n).reshape(rows.shape + (1,) * (batch.weights.ndim - 1))
-        batch = batch._replace(weights=batch.weights * valid)  # a distribution may add axes
+        batch = _masked(batch, rows < n)
         return train_step(ts, logs, shard(batch))
 
     def run(ts, logs, data: Batch, idx, start, count):
@@ -208,6 +333,21 @@ def make_fused_train(
         )
 
     return run
+
+
+def _masked(batch: Batch, valid: jax.Array) -> Batch:
+    """Zeroes the weights (and mask) of padding rows; ``valid`` is ``[rows]``.
+
+    Weights and masks may have more axes (per token, or processes stacked by a
+    distribution): ``valid`` is broadcast over them.
+    """
+
+    def apply(values):
+        values = jnp.asarray(values)
+        return values * valid.astype(values.dtype).reshape(valid.shape + (1,) * (values.ndim - 1))
+
+    mask = apply(jnp.ones_like(batch.weights) if batch.mask is None else batch.mask)
+    return batch._replace(weights=apply(batch.weights), mask=mask)
 
 
 def padded_rows(batch_index, batch_size: int, num_rows: int, width: int | None = None):
@@ -263,8 +403,7 @@ def make_fused_eval(
             rows, valid = padded_rows(start + j, batch_size, n, width)
             batch = gather(data, rows)
             # a distribution may stack axes after the row axis (weights [rows, ...])
-            valid = valid.reshape(valid.shape + (1,) * (batch.weights.ndim - 1))
-            batch = shard(batch._replace(weights=batch.weights * valid))
+            batch = shard(_masked(batch, valid))
             keys = () if rng is None else (batch_key(rng, offset + start + j),)
             return eval_step(params, state, logs, batch, *keys)
 

@@ -60,8 +60,9 @@ def test_iterate_stops_after_steps_without_pulling_more():
 
 
 def test_device_batch_fills_weights_and_checks_rows():
-    _, _, w = data.device_batch((np.ones((3, 2)), np.zeros(3)))
+    _, _, w, mask = data.device_batch((np.ones((3, 2)), np.zeros(3)))
     np.testing.assert_array_equal(w, np.ones(3))
+    np.testing.assert_array_equal(mask, np.ones(3))
     with pytest.raises(ValueError, match="same number of rows"):
         data.device_batch((np.ones((3, 2)), np.zeros(2)))
     with pytest.raises(ValueError, match=r"tuple \(x, y\) or"):

@@ -194,7 +194,8 @@ def test_forward_that_is_not_callable():
             "labels and outputs of the same shape",
         ),
         ("mse", np.zeros((20, 5), np.float32), r"forward output shape \(2, 3\).*y shape \(2, 5\)"),
-        (lambda t, p: (t - p) ** 2, np.zeros((20, 3), np.float32), r"a loss of shape \[batch\]"),
+        # a loss must keep the batch axis (per-token [batch, ...] losses are fine)
+        (lambda t, p: ((t - p) ** 2).sum(), np.zeros((20, 3), np.float32), r"a loss of shape"),
     ],
 )
 def test_forward_output_that_does_not_match_y(data, loss, y, pattern):

@@ -56,4 +56,4 @@ def test_names_and_callables():
         "huber",
     }
     with pytest.raises(ValueError, match="Unknown `loss` name"):
-        losses.get("hinge")
+        losses.get("hinged")

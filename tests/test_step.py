@@ -88,8 +88,11 @@ class StepTest(chex.TestCase):
         x_corrupt[8:] = 1e3  # rows with weight 0: must change nothing
         weights = np.r_[np.ones(8), np.zeros(8)].astype(np.float32)
         train = self.variant(train_step)
-        ts_a, logs_a = train(ts, step_lib.empty_logs(acc), Batch(x, batch.y, weights))
-        ts_b, logs_b = train(ts, step_lib.empty_logs(acc), Batch(x_corrupt, batch.y, weights))
+        # padding rows: weight 0 and mask 0 (plain metrics see the mask only)
+        ts_a, logs_a = train(ts, step_lib.empty_logs(acc), Batch(x, batch.y, weights, weights))
+        ts_b, logs_b = train(
+            ts, step_lib.empty_logs(acc), Batch(x_corrupt, batch.y, weights, weights)
+        )
         chex.assert_trees_all_close(ts_a.params, ts_b.params, atol=0, rtol=0)
         self.assertEqual(step_lib.compute_logs(logs_a, acc), step_lib.compute_logs(logs_b, acc))
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hkfit import optimizers as optimizers_lib
 from hkfit.callbacks.base import BATCH_HOOKS, HOOKS, Callback
 
 # Substrings of a metric name that mean "higher is better" when mode="auto".
@@ -384,10 +385,16 @@ class ReduceLROnPlateau(Callback):
         elif self.cooldown_counter <= 0:
             self.wait += 1
             if self.wait >= self.patience:
-                old = self.model.learning_rate
-                if old > float(np.float32(self.min_lr)):
+                old = self.model.learning_rate  # raises, with the fix, without a rate
+                rates = optimizers_lib.learning_rates(self.model.opt_state)
+                if any(rate > float(np.float32(self.min_lr)) for rate in rates.values()):
+                    state = self.model.opt_state
+                    for group, rate in rates.items():  # each parameter group keeps its ratio
+                        state = optimizers_lib.set_learning_rate(
+                            state, max(rate * self.factor, self.min_lr), group=group
+                        )
+                    self.model.opt_state = state
                     new = max(old * self.factor, self.min_lr)
-                    self.model.learning_rate = new
                     if self.verbose:
                         print(
                             f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to "
