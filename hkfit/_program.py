@@ -159,13 +159,7 @@ class Program:
             run = step_lib.make_fused_eval(
                 step, batch_size, fuse, keyed=True, **self.layout.step_options("eval")
             )
-            key = self.inference_key
-            return jax.jit(
-                lambda params, state, offset, logs, data, start, count: run(
-                    params, state, key, offset, logs, data, start, count
-                ),
-                donate_argnums=(3,),
-            )
+            return self._jit_keyed(run)
 
         return self._cached(("eval_run", batch_size, fuse), build)
 
@@ -191,15 +185,19 @@ class Program:
             run = step_lib.make_fused_predict(
                 step, batch_size, fuse, keyed=True, **self.layout.step_options("predict")
             )
-            key = self.inference_key
-            return jax.jit(
-                lambda params, state, offset, out, x, start, count: run(
-                    params, state, key, offset, out, x, start, count
-                ),
-                donate_argnums=(3,),
-            )
+            return self._jit_keyed(run)
 
         return self._cached(("predict_run", batch_size, fuse), build)
+
+    def _jit_keyed(self, run: Callable) -> Callable:
+        """Jits a keyed fused run with the inference key bound; its carry is donated."""
+        key = self.inference_key
+        return jax.jit(
+            lambda params, state, offset, carry, data, start, count: run(
+                params, state, key, offset, carry, data, start, count
+            ),
+            donate_argnums=(3,),
+        )
 
     def output_spec(self, params, state, x) -> Any:
         """Shapes and dtypes of the forward's output for the batch ``x`` (no compute)."""
