@@ -44,13 +44,13 @@ def add_loss(value: jax.typing.ArrayLike, name: str | None = None) -> None:
       TypeError: if ``name`` is not a string.
       ValueError: if ``name`` is ``"loss"`` (the total).
 
-    >>> import haiku as hk, jax.numpy as jnp
+    >>> import haiku as hk, jax, jax.numpy as jnp
     >>> def forward(x):
     ...     h = hk.Linear(2)(x)
     ...     add_loss(1e-3 * jnp.sum(h**2, axis=-1), name="activity")
     ...     return h
     >>> f = hk.transform(forward)
-    >>> params = f.init(None, jnp.ones((3, 4)))
+    >>> params = f.init(jax.random.key(0), jnp.ones((3, 4)))
     >>> y, losses = collect(lambda: f.apply(params, None, jnp.ones((3, 4))))
     >>> list(losses), losses["activity"].shape
     (['activity'], (3,))
