@@ -124,17 +124,20 @@ class Program:
     def apply_eval(self, params, state, rng, x):
         return self.forward.apply_eval(params, state, rng, x)
 
+    def _keyed_eval_step(self) -> Callable:
+        return step_lib.make_eval_step(
+            self.apply_eval,
+            self.loss_fn,
+            self._metric_list(),
+            keyed=True,
+            regularizer=self.regularizer,
+        )
+
     def eval_step(self) -> Callable:
         """``(params, state, logs, batch, index) -> logs`` for batch ``index`` of a run."""
 
         def build():
-            step = step_lib.make_eval_step(
-                self.apply_eval,
-                self.loss_fn,
-                self._metric_list(),
-                keyed=True,
-                regularizer=self.regularizer,
-            )
+            step = self._keyed_eval_step()
             key = self.inference_key
             return jax.jit(
                 lambda params, state, logs, batch, index: step(
@@ -149,13 +152,7 @@ class Program:
         """``(params, state, offset, logs, data, start, count) -> logs`` over rows of data."""
 
         def build():
-            step = step_lib.make_eval_step(
-                self.apply_eval,
-                self.loss_fn,
-                self._metric_list(),
-                keyed=True,
-                regularizer=self.regularizer,
-            )
+            step = self._keyed_eval_step()
             run = step_lib.make_fused_eval(
                 step, batch_size, fuse, keyed=True, **self.layout.step_options("eval")
             )
