@@ -77,6 +77,7 @@ class FitArgs(NamedTuple):
     validation_batch_size: int
     validate_after: Callable[[int], bool]
     steps_per_execution: Any
+    gradient_accumulation_steps: int = 1
 
 
 def fit_args(
@@ -90,9 +91,13 @@ def fit_args(
     validation_batch_size: Any,
     validation_freq: Any,
     steps_per_execution: Any,
+    gradient_accumulation_steps: Any = 1,
 ) -> FitArgs:
     """Checks ``fit``'s scalar arguments before any data is touched."""
     batch_size = positive_int(batch_size, "batch_size")
+    gradient_accumulation_steps = positive_int(
+        gradient_accumulation_steps, "gradient_accumulation_steps"
+    )
     epochs = positive_int(epochs, "epochs", 0)
     initial_epoch = positive_int(initial_epoch, "initial_epoch", 0)
     if epochs < initial_epoch:
@@ -125,6 +130,7 @@ def fit_args(
         validation_batch_size,
         validation_epochs(validation_freq),
         steps_per_execution,
+        gradient_accumulation_steps,
     )
 
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hkfit import _outputs as outputs_lib
+
 PyTree = Any
 
 # What a 64-bit host dtype becomes on a device while `jax_enable_x64` is off.
@@ -355,15 +357,28 @@ def class_weights_for(y: np.ndarray, class_weight: Mapping[int, float]) -> np.nd
     return weights[labels]
 
 
-def row_weights(n: int, y: PyTree, sample_weight: Any, class_weight: Mapping | None) -> np.ndarray:
+def row_weights(n: int, y: PyTree, sample_weight: Any, class_weight: Mapping | None) -> Any:
     """``sample_weight * class_weight[y]`` as float32 weights of ``n`` rows.
 
     ``sample_weight`` is one weight per row ``[n]``, or per element of the targets
     ``[n, ...]`` (a ``[batch, seq]`` token mask for a language model), which the losses
-    and mean metrics then use per token.
+    and mean metrics then use per token. A dict (or list) of such weights, one per output
+    of a multi-output model, gives ``{output name: weights}`` (see ``hkfit._outputs``).
     """
+    per_output = outputs_lib.named_weights(sample_weight)
+    if per_output:
+        if class_weight is not None:
+            raise ValueError(
+                "`class_weight` needs one array of class labels; it does not apply to a "
+                "model with several outputs. Pass per-output `sample_weight` instead. "
+                f"Received: class_weight={class_weight!r} with sample_weight for "
+                f"{sorted(per_output)}."
+            )
+        return {
+            name: row_weights(n, None, w, None).astype(np.float32) for name, w in per_output.items()
+        }
     weights = np.ones(n, np.float32)
-    if sample_weight is not None:
+    if sample_weight is not None and per_output is None:
         sample_weight = np.asarray(sample_weight, np.float32)
         if sample_weight.ndim == 0 or sample_weight.shape[0] != n:
             raise ValueError(
@@ -471,8 +486,16 @@ class Prefetcher:
         return item
 
 
-def batch_weights(w: Any, n: int) -> np.ndarray:
-    """The weights of an iterable's batch: ``[n]``, ``[n, 1]`` (flattened) or per token."""
+def batch_weights(w: Any, n: int) -> Any:
+    """The weights of an iterable's batch: ``[n]``, ``[n, 1]`` (flattened) or per token.
+
+    A dict (or list) of them, one per output, gives ``{output name: weights}``.
+    """
+    per_output = outputs_lib.named_weights(w)
+    if per_output == {}:
+        return np.ones(n, np.float32)
+    if per_output:
+        return {name: batch_weights(v, n) for name, v in per_output.items()}
     w = np.asarray(w, np.float32)
     if w.ndim == 0 or w.shape[0] != n:
         raise ValueError(
@@ -482,12 +505,15 @@ def batch_weights(w: Any, n: int) -> np.ndarray:
     return w.reshape(n) if w.size == n else w
 
 
-def metric_mask(weights: np.ndarray) -> np.ndarray:
+def metric_mask(weights: Any) -> np.ndarray:
     """What plain ``metrics=`` weigh rows by: 1 for every row, whatever its sample weight.
 
     Per-token weights (``[n, seq]``, more axes than one per row) mark padding tokens with
-    0, and those stay masked for every metric.
+    0, and those stay masked for every metric. Per-output weights (a dict) give one 1 per
+    row; each output's metrics read their own token masks (see ``hkfit._outputs``).
     """
+    if isinstance(weights, dict):
+        return np.ones(len(next(iter(weights.values()))), np.float32)
     weights = np.asarray(weights, np.float32)
     if weights.ndim > 1:
         return (weights > 0).astype(np.float32)

@@ -88,6 +88,8 @@ class TrainArrays:
       layout: where the rows live.
       shuffle: shuffle the rows each epoch (deterministic from the key and epoch index).
       steps_per_epoch: at most this many batches per epoch.
+      accumulation_steps: with N > 1, each batch is a macro-batch of N * batch_size rows
+        (one optimizer step; the step cuts it into micro-batches of ``batch_size``).
     """
 
     def __init__(
@@ -98,8 +100,13 @@ class TrainArrays:
         *,
         shuffle: bool,
         steps_per_epoch: int | None,
+        accumulation_steps: int = 1,
     ):
-        self.batch_size = layout.local_batch_size(batch_size)
+        micro_batch_size = layout.local_batch_size(batch_size)
+        self.accumulation = (
+            (accumulation_steps, micro_batch_size) if accumulation_steps > 1 else None
+        )
+        self.batch_size = micro_batch_size * accumulation_steps
         self.n = data_lib.num_rows(data.x, "x")
         self.shuffle, self.layout = shuffle, layout
         self.num_full = self.n // self.batch_size
@@ -119,6 +126,7 @@ class TrainArrays:
             and fused
             and self.layout.pads_train_tail
             and not jax.tree_util.tree_leaves(ts.state)
+            and not program.couples_rows
             and _compat.threefry_partitionable()
         )
         full, tail = data_lib.epoch_order(
@@ -132,7 +140,7 @@ class TrainArrays:
         if not self.has_tail:
             tail = None  # steps_per_epoch cut the epoch before the leftover rows
         full, tail = self.layout.place_state((full, tail))
-        fn = program.train_run(ts, fused)
+        fn = program.train_run(ts, fused, self.accumulation)
 
         def runner(idx):
             return lambda carry, start, count: fn(*carry, self.data, idx, start, count)
@@ -148,6 +156,9 @@ class Batches:
 
     Without ``steps`` each pass is ``iter(source)`` again; with it, one iterator is shared
     by all passes and a pass is at most ``steps`` batches, so infinite generators work.
+
+    With ``group=N`` (gradient accumulation) a step is N consecutive batches: ``steps``
+    and :attr:`steps` count groups, and a pass reads at most ``N * steps`` batches.
     """
 
     def __init__(
@@ -158,6 +169,7 @@ class Batches:
         *,
         name: str = "x",
         shared: bool = True,
+        group: int = 1,
     ):
         if not isinstance(source, Iterable) or data_lib.is_array(source):
             raise TypeError(
@@ -165,7 +177,10 @@ class Batches:
                 f"Received: {type(source).__name__}."
             )
         self.source, self.steps_per_pass, self.convert = source, steps, convert
-        self.steps = steps or (len(source) if isinstance(source, Sized) else None)
+        self.group = group
+        self.steps = steps or (
+            math.ceil(len(source) / group) if isinstance(source, Sized) else None
+        )
         self._shared = iter(source) if (steps is not None and shared) else None
         self.exhausted = False
 
@@ -173,6 +188,7 @@ class Batches:
         """One pass: a prefetching iterator of device batches, ``.first`` peeked."""
         iterator = self._shared if self._shared is not None else iter(self.source)
         limit = self.steps_per_pass if steps is None else steps
+        limit = None if limit is None else limit * self.group
         return Pass(data_lib.Prefetcher(data_lib.iterate(iterator, limit), self.convert))
 
 
@@ -204,6 +220,28 @@ class Pass:
 
             yield Segment(i, 1, run, fusable=False, outputs=outputs)
 
+    def groups(self, size: int, step: Callable[[Any, tuple], Any]) -> Iterator[Segment]:
+        """One segment per ``size`` consecutive batches (the last may hold fewer).
+
+        Each segment runs ``step(carry, batches) -> carry`` on its tuple of batches.
+        """
+        group: list = []
+        index = 0
+
+        def segment(batches: tuple, i: int) -> Segment:
+            def run(carry: Any, _start: int, _count: int) -> Any:
+                return step(carry, batches)
+
+            return Segment(i, 1, run, fusable=False)
+
+        for batch in self:
+            group.append(batch)
+            if len(group) == size:
+                yield segment(tuple(group), index)
+                group, index = [], index + 1
+        if group:
+            yield segment(tuple(group), index)
+
 
 # --- Evaluation and prediction over arrays ----------------------------------------------
 
@@ -229,10 +267,15 @@ def chunks(tree: Any, num_rows: int, batch_size: int):
         index = np.arange(first_row, stop)
         part = jax.tree_util.tree_map(lambda a: a[np.minimum(index, num_rows - 1)], tree)
         if isinstance(part, Batch):  # repeated rows must not count (weights may be per token)
-            real = (index < num_rows).reshape((-1,) + (1,) * (np.ndim(part.weights) - 1))
-            part = part._replace(weights=np.where(real, part.weights, 0).astype(np.float32))
+            valid = index < num_rows
+
+            def zeroed(values):
+                real = valid.reshape((-1,) + (1,) * (np.ndim(values) - 1))
+                return np.where(real, values, 0).astype(np.float32)
+
+            part = part._replace(weights=jax.tree_util.tree_map(zeroed, part.weights))
             if part.mask is not None:
-                part = part._replace(mask=np.where(real, part.mask, 0).astype(np.float32))
+                part = part._replace(mask=zeroed(part.mask))
         return jax.device_put(part)
 
     starts = list(range(0, num_rows, rows))
@@ -271,23 +314,44 @@ class EvalArrays:
     def segments(
         self, program: Any, params: Any, state: Any, fused: bool, steps: int | None = None
     ) -> Iterator[Segment]:
-        """The run's segments; the carry is the metric states (``logs``)."""
+        """The run's segments; the carry is the metric states (``logs``).
+
+        A program whose batches couple their rows (``program.couples_rows``) runs a short
+        last batch at its real size instead of padding it.
+        """
         fn = program.eval_run(self.batch_size, fused)
+        batches = self.num_batches(steps)
+        tail = None
+        if program.couples_rows and batches * self.batch_size > self.n:
+            batches -= 1
+            tail = data_lib.take_rows(self.data, batches * self.batch_size, None)
         if not self.on_host:
+            if batches:
+                yield Segment(
+                    0,
+                    batches,
+                    lambda logs, start, count: fn(params, state, 0, logs, self.data, start, count),
+                    fusable=fused,
+                )
+        else:
+            rows = min(self.n, batches * self.batch_size)
+            for first, count, chunk in chunks(self.data, rows, self.batch_size) if rows else ():
+
+                def run(
+                    logs: Any, start: int, k: int, chunk: Any = chunk, first: int = first
+                ) -> Any:
+                    return fn(params, state, first, logs, chunk, start, k)
+
+                yield Segment(first, count, run, fusable=fused)
+        if tail is not None:
+            step, batch = program.eval_step(), Batch(*jax.device_put(tuple(tail)))
             yield Segment(
-                0,
-                self.num_batches(steps),
-                lambda logs, start, count: fn(params, state, 0, logs, self.data, start, count),
-                fusable=fused,
+                batches,
+                1,
+                lambda logs, _start, _count: step(params, state, logs, batch, batches),
+                fusable=False,
+                timed=False,
             )
-            return
-        rows = min(self.n, self.num_batches(steps) * self.batch_size)
-        for first, count, chunk in chunks(self.data, rows, self.batch_size):
-
-            def run(logs: Any, start: int, k: int, chunk: Any = chunk, first: int = first) -> Any:
-                return fn(params, state, first, logs, chunk, start, k)
-
-            yield Segment(first, count, run, fusable=fused)
 
 
 class PredictArrays:

@@ -248,13 +248,19 @@ def _ends_in_probabilities(jaxpr: Any, var: Any, depth: int = 0) -> bool:
     return False
 
 
-def emits_probabilities(closed_jaxpr: Any) -> bool:
-    """Whether a forward's (single) output comes straight out of a softmax or a sigmoid.
+def emits_probabilities(closed_jaxpr: Any, leaf: int | None = None) -> bool:
+    """Whether a forward's output comes straight out of a softmax or a sigmoid.
 
     Read from the traced program (no computation), so a model built with a crossentropy
     NAME, which means logits, can be warned at build time that it emits probabilities.
+    ``leaf`` picks one output array among several (a multi-output model); by default the
+    forward must have a single output array.
     """
     jaxpr = getattr(closed_jaxpr, "jaxpr", closed_jaxpr)
-    if len(jaxpr.outvars) != 1:
+    if leaf is None:
+        if len(jaxpr.outvars) != 1:
+            return False
+        leaf = 0
+    if leaf >= len(jaxpr.outvars):
         return False
-    return _ends_in_probabilities(jaxpr, jaxpr.outvars[0])
+    return _ends_in_probabilities(jaxpr, jaxpr.outvars[leaf])

@@ -53,6 +53,7 @@ __all__ = [
     "MeanSquaredError",
     "MeanAbsoluteError",
     "MeanSquaredLogarithmicError",
+    "is_loss_object",
     "looks_like_probabilities",
 ]
 
@@ -588,6 +589,11 @@ class MeanSquaredLogarithmicError(_LossObject):
 
 
 # ----------------------------------------------------------------------------- heuristics
+
+
+def is_loss_object(loss: object) -> bool:
+    """Whether ``loss`` is one of the Keras-style loss objects of this module."""
+    return isinstance(loss, _LossObject)
 
 
 def looks_like_probabilities(y_pred: jax.typing.ArrayLike) -> bool:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hkfit import _accumulate as accumulate
+from hkfit import _custom as custom_lib
 from hkfit import _pacing
 from hkfit import step as step_lib
 from hkfit._forward import Forward
@@ -35,6 +37,11 @@ class Program:
         the predict functions are available then).
       layout: where arrays live (see ``hkfit._layout``).
       inference_key: the key inference batches fold their index into.
+      regularizer: ``params -> scalar`` added to the objective.
+      custom_step: a user's ``(train_state, batch) -> (train_state, logs)``, which then
+        trains instead of ``loss_fn`` (see ``hkfit._custom``).
+      train_metrics: the logs of training when they differ from ``metrics`` (a custom
+        step's); ``empty_logs`` / ``read_logs`` take ``train=True`` for them.
     """
 
     def __init__(
@@ -47,9 +54,15 @@ class Program:
         inference_key: jax.Array,
         *,
         regularizer: Callable[[Any], Any] | None = None,
+        custom_step: Callable | None = None,
+        train_metrics: Sequence[Any] | None = None,
     ):
         self.forward, self.loss_fn, self.optimizer = forward, loss_fn, optimizer
         self.metrics = None if metrics is None else list(metrics)
+        self.custom_step = custom_step
+        self.train_metrics = None if train_metrics is None else list(train_metrics)
+        # a batch's rows may be coupled: never pad them (see hkfit._custom)
+        self.couples_rows = custom_step is not None or custom_lib.couples_rows(loss_fn)
         self.layout = layout
         self.inference_key = inference_key
         self.regularizer = regularizer
@@ -62,7 +75,9 @@ class Program:
             self._jitted[key] = build()
         return self._jitted[key]
 
-    def _metric_list(self) -> list:
+    def _metric_list(self, train: bool = False) -> list:
+        if train and self.train_metrics is not None:
+            return self.train_metrics
         if self.metrics is None:
             raise ValueError(
                 "Loss and metrics need labels: call `fit`, `evaluate` or "
@@ -72,18 +87,22 @@ class Program:
 
     # --- Logs ---
 
-    def empty_logs(self) -> tuple:
-        """Metric states of no example, placed by the layout.
+    def empty_logs(self, train: bool = False) -> tuple:
+        """Metric states of no example (of training with ``train``), placed by the layout.
 
         Every leaf is its own buffer (a metric's ``empty()`` may reuse one array for
         several fields), since the steps donate the logs.
         """
-        logs = jax.tree_util.tree_map(np.array, step_lib.empty_logs(self._metric_list()))
-        return self.layout.place_state(logs)
+        logs = step_lib.empty_logs(self._metric_list(train))
+        return self.layout.place_state(jax.tree_util.tree_map(np.array, logs))
 
-    def read_logs(self, logs: tuple) -> dict[str, float]:
+    def read_logs(self, logs: tuple, train: bool = False) -> dict[str, float]:
         """Metric states -> Python floats (a device sync)."""
-        return step_lib.compute_logs(jax.device_get(logs), self._metric_list())
+        return step_lib.compute_logs(jax.device_get(logs), self._metric_list(train))
+
+    def read_train_logs(self, logs: tuple) -> dict[str, float]:
+        """:meth:`read_logs` of training logs."""
+        return self.read_logs(logs, train=True)
 
     # --- Training ---
 
@@ -91,11 +110,15 @@ class Program:
         kwargs: dict[str, Any] = {"donate_argnums": (0, 1)}
         shardings = self.layout.state_shardings(ts)
         if shardings is not None:  # pinned: unmatched parameters stay replicated
-            logs = jax.tree_util.tree_map(lambda _: shardings.step, self.empty_logs())
+            logs = jax.tree_util.tree_map(lambda _: shardings.step, self.empty_logs(True))
             kwargs["out_shardings"] = (shardings, logs)
         return jax.jit(step, **kwargs)
 
     def _train_step(self) -> Callable:
+        if self.custom_step is not None:
+            return custom_lib.make_train_step(
+                self.custom_step, self._metric_list(True), step_lib.row_mask
+            )
         return step_lib.make_train_step(
             self.forward.apply_train,
             self.loss_fn,
@@ -108,16 +131,57 @@ class Program:
         """``(ts, logs, batch) -> (ts, logs)`` for one batch (iterables, train_on_batch)."""
         return self._cached(("train",), lambda: self._jit_train(self._train_step(), ts))
 
-    def train_run(self, ts: TrainState, fuse: bool) -> Callable:
-        """``(ts, logs, data, idx, start, count) -> (ts, logs)`` over device-resident rows."""
+    def grouped_train_step(self, ts: TrainState, steps: int) -> Callable:
+        """``(ts, logs, batches) -> (ts, logs)``: one optimizer step over a tuple of batches.
+
+        Gradient accumulation over an iterable's consecutive batches (see
+        ``hkfit._accumulate``).
+        """
 
         def build():
-            run = step_lib.make_fused_train(
-                self._train_step(), fuse=fuse, **self.layout.step_options("train")
+            step = accumulate.make_grouped_step(
+                self.forward.apply_train,
+                self.loss_fn,
+                self.optimizer,
+                self._metric_list(),
+                steps=steps,
+                regularizer=self.regularizer,
             )
+            return self._jit_train(step, ts)
+
+        return self._cached(("grouped", steps), build)
+
+    def train_run(
+        self, ts: TrainState, fuse: bool, accumulation: tuple[int, int] | None = None
+    ) -> Callable:
+        """``(ts, logs, data, idx, start, count) -> (ts, logs)`` over device-resident rows.
+
+        With ``accumulation=(steps, micro_batch_size)`` each batch of ``idx`` is a
+        macro-batch, cut into micro-batches whose gradients are accumulated into one
+        optimizer step (see ``hkfit._accumulate``).
+        """
+
+        def build():
+            options = self.layout.step_options("train")
+            if accumulation is None:
+                step = self._train_step()
+            else:
+                steps, micro_batch_size = accumulation
+                step = accumulate.make_accumulating_step(
+                    self.forward.apply_train,
+                    self.loss_fn,
+                    self.optimizer,
+                    self._metric_list(),
+                    steps=steps,
+                    micro_batch_size=micro_batch_size,
+                    regularizer=self.regularizer,
+                    shard_batch=options.pop("shard_batch", None),  # each micro-batch's
+                    unroll=self._loops_help is False,  # e.g. convolutions on CPU
+                )
+            run = step_lib.make_fused_train(step, fuse=fuse, **options)
             return self._jit_train(run, ts)
 
-        return self._cached(("train_run", fuse), build)
+        return self._cached(("train_run", fuse, accumulation), build)
 
     # --- Inference ---
 

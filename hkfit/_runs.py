@@ -32,13 +32,17 @@ class Context(NamedTuple):
 
     Attributes:
       layout: where arrays live.
-      build: ``(x, y=None) -> Program``: initializes the model if needed, checks the
-        inputs once per structure, resolves metrics when labels are first seen.
+      build: ``(x, y=None, train=False) -> Program``: initializes the model if needed,
+        checks the inputs once per structure, resolves metrics when labels are first
+        seen (``train``: the data is for training, which a custom train step may take in
+        another shape than the forward's inputs).
       program: () -> the current program, None before the first build.
       built: () -> whether the model has parameters.
       get_state / set_state: read and publish the train state.
       example: () -> zeros of one input row (to inspect the forward).
       shuffle_key: the key epoch orders are drawn from.
+      eval_params: () -> the params inference runs with (a schedule-free optimizer's
+        evaluation params; the train state's own otherwise). Called once per run.
     """
 
     layout: Any
@@ -49,6 +53,7 @@ class Context(NamedTuple):
     set_state: Callable[[Any], None]
     example: Callable[[], Any]
     shuffle_key: jax.Array
+    eval_params: Callable[[], Any]
 
 
 def _current_program(context: Context) -> Program:
@@ -94,7 +99,12 @@ def fit_feeds(
     """The training feed and the validation feed (or None) of one ``fit``."""
     if _args.is_iterable_input(x, y):
         _args.check_iterable_args(y, sample_weight, class_weight, args.validation_split)
-        train: Any = feeds.Batches(x, args.steps_per_epoch, context.layout.device_batch)
+        train: Any = feeds.Batches(
+            x,
+            args.steps_per_epoch,
+            context.layout.device_batch,
+            group=args.gradient_accumulation_steps,
+        )
     else:
         if y is None:
             raise ValueError("Expected targets `y` for array inputs `x`. Received: y=None.")
@@ -110,13 +120,14 @@ def fit_feeds(
             data = data._replace(
                 weights=data.weights * data_lib.row_weights(rows, data.y, None, class_weight)
             )
-        context.build(data.x, data.y)
+        context.build(data.x, data.y, train=True)
         train = feeds.TrainArrays(
             data,
             args.batch_size,
             context.layout,
             shuffle=shuffle,
             steps_per_epoch=args.steps_per_epoch,
+            accumulation_steps=args.gradient_accumulation_steps,
         )
     val = None
     if validation_data is not None:
@@ -163,22 +174,29 @@ def train_epoch(
                     "Expected a non-empty dataset. Received: an iterable `x` that yielded no batch."
                 )
             return None
-        program = context.build(batches.first[0], batches.first[1])
-        step = program.train_step(context.get_state())
-        segments = batches.segments(lambda carry, b, _i: step(carry[0], carry[1], Batch(*b)))
+        program = context.build(batches.first[0], batches.first[1], train=True)
+        if train.group > 1:  # gradient accumulation: `group` batches per optimizer step
+            grouped = program.grouped_train_step(context.get_state(), train.group)
+            segments = batches.groups(
+                train.group,
+                lambda carry, group: grouped(carry[0], carry[1], tuple(Batch(*b) for b in group)),
+            )
+        else:
+            step = program.train_step(context.get_state())
+            segments = batches.segments(lambda carry, b, _i: step(carry[0], carry[1], Batch(*b)))
         pacer = Pacer(1)
     executor = engine.Executor(
         cbs,
         engine.TRAIN,
         pacer,
-        read_logs=program.read_logs,
+        read_logs=program.read_train_logs,
         commit=lambda carry: context.set_state(carry[0]),
         should_stop=should_stop,
         progress=args.verbose == 1,
         logs_of=lambda carry: carry[1],
         load=lambda carry: (context.get_state(), carry[1]),
     )
-    _, logs = executor.run(segments, (context.get_state(), program.empty_logs()))
+    _, logs = executor.run(segments, (context.get_state(), program.empty_logs(train=True)))
     wanted = getattr(train, "steps_per_pass", None)
     if wanted is not None and executor.batches < wanted and not should_stop():
         warnings.warn(
@@ -188,7 +206,7 @@ def train_epoch(
             stacklevel=5,
         )
         train.exhausted = True
-    return program.read_logs(logs)
+    return program.read_train_logs(logs)
 
 
 def validate(
@@ -255,17 +273,15 @@ def evaluate(
     if isinstance(feed, feeds.EvalArrays):
         program = _current_program(context)
         pacer = _pacer(context, program, "eval", steps_per_execution)
-        ts = context.get_state()
-        segments: Any = feed.segments(program, ts.params, ts.state, pacer.fused, steps)
+        params, state = context.eval_params(), context.get_state().state
+        segments: Any = feed.segments(program, params, state, pacer.fused, steps)
     else:
         batches = feed.open(steps)
         if batches.first is None:
             return None
         program = context.build(batches.first[0], batches.first[1])
-        ts, step = context.get_state(), program.eval_step()
-        segments = batches.segments(
-            lambda logs, b, i: step(ts.params, ts.state, logs, Batch(*b), i)
-        )
+        params, state, step = context.eval_params(), context.get_state().state, program.eval_step()
+        segments = batches.segments(lambda logs, b, i: step(params, state, logs, Batch(*b), i))
         pacer = Pacer(1)
     executor = engine.Executor(
         cbs, engine.TEST, pacer, read_logs=program.read_logs, progress=progress
@@ -299,13 +315,13 @@ def predict(
         feed = feeds.PredictArrays(x, batch_size, context.layout, steps)
         program = context.build(x)
         cbs.set_params({**cbs.params, "steps": feed.steps})
-        ts = context.get_state()
+        params, state = context.eval_params(), context.get_state().state
         pacer = _pacer(context, program, "predict", steps_per_execution)
-        spec = program.output_spec(ts.params, ts.state, data_lib.take_rows(x, 0, feed.batch_size))
+        spec = program.output_spec(params, state, data_lib.take_rows(x, 0, feed.batch_size))
         collector = feed.collector(spec)
         executor = engine.Executor(cbs, engine.PREDICT, pacer, progress=progress)
         cbs.on_predict_begin({})
-        executor.run(feed.segments(program, ts.params, ts.state, pacer.fused), collector)
+        executor.run(feed.segments(program, params, state, pacer.fused), collector)
         result = collector.finish()
         cbs.on_predict_end({})
         return result
@@ -313,9 +329,9 @@ def predict(
     if batches.first is None:
         raise ValueError("Expected at least one batch to predict. Received: an empty iterable.")
     program = context.build(batches.first)
-    ts, step = context.get_state(), program.predict_step()
+    params, state, step = context.eval_params(), context.get_state().state, program.predict_step()
     segments = batches.segments(
-        lambda outs, b, i: [*outs, step(ts.params, ts.state, b, i)],
+        lambda outs, b, i: [*outs, step(params, state, b, i)],
         outputs=lambda outs, _s, _c: outs[-1],
     )
     executor = engine.Executor(cbs, engine.PREDICT, Pacer(1), progress=progress)
@@ -329,10 +345,10 @@ def predict(
 
 
 def _one_batch(
-    context: Context, x: Any, y: Any, sample_weight: Any, class_weight: Any
+    context: Context, x: Any, y: Any, sample_weight: Any, class_weight: Any, train: bool
 ) -> tuple[Program, Batch]:
     x, y, n = data_lib.checked_arrays(x, y, check_inputs=False)
-    program = context.build(x, y)
+    program = context.build(x, y, train=train)
     weights = data_lib.row_weights(n, y, sample_weight, class_weight)
     return program, Batch(*context.layout.device_batch((x, y, weights)))
 
@@ -340,23 +356,21 @@ def _one_batch(
 def train_on_batch(
     context: Context, x: Any, y: Any, sample_weight: Any, class_weight: Any
 ) -> dict[str, float]:
-    program, batch = _one_batch(context, x, y, sample_weight, class_weight)
+    program, batch = _one_batch(context, x, y, sample_weight, class_weight, True)
     ts = context.get_state()
-    ts, logs = program.train_step(ts)(ts, program.empty_logs(), batch)
+    ts, logs = program.train_step(ts)(ts, program.empty_logs(train=True), batch)
     context.set_state(ts)
-    return program.read_logs(logs)
+    return program.read_train_logs(logs)
 
 
 def test_on_batch(context: Context, x: Any, y: Any, sample_weight: Any) -> dict[str, float]:
-    program, batch = _one_batch(context, x, y, sample_weight, None)
-    ts = context.get_state()
-    return program.read_logs(
-        program.eval_step()(ts.params, ts.state, program.empty_logs(), batch, 0)
-    )
+    program, batch = _one_batch(context, x, y, sample_weight, None, False)
+    params, state = context.eval_params(), context.get_state().state
+    return program.read_logs(program.eval_step()(params, state, program.empty_logs(), batch, 0))
 
 
 def predict_on_batch(context: Context, x: Any) -> Any:
     x = data_lib.to_numpy(x)
     program = context.build(x)
-    ts = context.get_state()
-    return jax.device_get(program.predict_step()(ts.params, ts.state, x, 0))
+    params, state = context.eval_params(), context.get_state().state
+    return jax.device_get(program.predict_step()(params, state, x, 0))

@@ -21,9 +21,11 @@ import numpy as np
 
 from hkfit import _args, _compat
 from hkfit import _auxiliary as auxiliary
+from hkfit import _custom as custom_lib
 from hkfit import _data as data_lib
 from hkfit import _engine as engine
 from hkfit import _forward as forward_lib
+from hkfit import _outputs as outputs_lib
 from hkfit import _runs as runs
 from hkfit import _saving as saving
 from hkfit import callbacks as callbacks_lib
@@ -45,6 +47,9 @@ def _class_name(loss_name: str) -> str:
 
 # Distinct streams derived from the seed key.
 _INIT, _TRAIN, _SHUFFLE, _INFER = range(4)
+
+# Pure: a schedule-free optimizer's evaluation params, compiled once per structure.
+_eval_params = jax.jit(optimizers_lib.eval_params)
 
 
 class _Slot:
@@ -75,18 +80,27 @@ class Model:
         ``False`` in evaluate/predict); an ``hk.Transformed`` / ``hk.TransformedWithState``
         called as ``apply(params, [state,] rng, x)``; or ``hkfit.with_is_training(t)`` for a
         transform whose apply takes the ``is_training`` flag.
-      loss: a name from ``hkfit.losses.names()`` or ``(y_true, y_pred) -> [batch]`` losses.
+      loss: a name from ``hkfit.losses.names()``, a loss object (``hkfit.losses``) or
+        ``(y_true, y_pred) -> [batch]`` losses. For a forward that returns a dict (or a
+        tuple/list) of outputs: a dict (or list) with one loss per output, ``None`` for an
+        output that is not trained. Logs then hold the weighted total as ``loss`` and
+        each output's ``<output>_loss`` (tuple/list outputs are named ``output_1``,
+        ``output_2``, ...); ``y`` and ``sample_weight`` may be matching dicts (or lists).
       optimizer: an ``optax.GradientTransformation`` or ``"adam"``, ``"adamw"``, ``"sgd"``,
         ``"rmsprop"`` (built with ``optax.inject_hyperparams``, default learning rates).
       metrics: names, callables ``(y_true, y_pred) -> [batch]`` or metric objects. As in
         Keras they ignore sample and class weights: they see every real row (per-token
-        weights of 0, which mark padding tokens, still mask).
+        weights of 0, which mark padding tokens, still mask). With several outputs: a
+        dict ``{output: [metrics]}``, a list of lists (one per output), or a list that
+        every output with a loss gets; logged as ``<output>_<metric>``.
       regularizer: ``params -> scalar`` added to the objective, e.g.
         ``hkfit.regularizers.l2(1e-4, include=r"/w$")``; logged as ``regularization_loss``
         and part of ``loss`` (in ``evaluate`` too, as Keras does).
       weighted_metrics: the same kinds, weighted like the loss by ``sample_weight`` and
         ``class_weight``; logged under their name, or ``weighted_<name>`` when a plain
         metric has that name.
+      loss_weights: with several outputs, a dict (or list) of floats weighing each
+        output's loss in the total (1.0 for those not given), as in Keras.
       seed: an int or a JAX key; the same seed and data give bit-identical results.
       distribution: ``None`` (one device) or a distribution strategy such as
         ``hkfit.DataParallel()``.
@@ -118,23 +132,71 @@ class Model:
         self,
         forward: Any,
         *,
-        loss: Any,
+        loss: Any = None,
         optimizer: Any = "adam",
         metrics: Sequence[Any] = (),
         weighted_metrics: Sequence[Any] = (),
         regularizer: Any = None,
+        loss_weights: Any = None,
+        objective: Any = None,
+        train_step: Any = None,
         seed: Any = 0,
         distribution: Any = None,
     ):
         self._forward = (
             forward if isinstance(forward, forward_lib.Forward) else forward_lib.wrap(forward)
         )
+        if loss is None and objective is None and train_step is None:
+            raise TypeError(
+                "Expected `loss` (a name, loss object or callable), `objective` or "
+                "`train_step`. Received none of them."
+            )
+        if loss is not None and objective is not None:
+            raise ValueError(
+                "Expected either `loss` or `objective`, not both: an objective computes "
+                f"the loss itself. Received: loss={loss!r}, objective={objective!r}."
+            )
         self._loss_name = loss if isinstance(loss, str) else None
         self.loss = loss
-        self._loss_fn = losses_lib.get(loss)
+        self.loss_weights = loss_weights
+        self.objective = objective
+        self.train_step_fn = (
+            None if train_step is None else custom_lib.checked(train_step, "train_step")
+        )
+        self._train_metrics: list | None = None
+        self._heads: outputs_lib.Heads | None = None
+        if objective is not None or loss is None:
+            if loss_weights is not None:
+                raise ValueError(
+                    "`loss_weights` needs `loss` as a dict or list of per-output losses. "
+                    f"Received: loss={loss!r}, loss_weights={loss_weights!r}."
+                )
+            self._loss_fn: Any = (
+                None
+                if objective is None
+                else custom_lib.Objective(custom_lib.checked(objective, "objective"))
+            )
+            self._metric_specs: Any = _args.metric_specs(metrics)
+            self._weighted_specs: Any = _args.metric_specs(weighted_metrics, "weighted_metrics")
+        elif outputs_lib.is_multi(loss):
+            self._heads = outputs_lib.heads(loss, loss_weights)
+            names = [h.name for h in self._heads.heads]
+            self._loss_fn = self._heads
+            self._metric_specs = outputs_lib.metric_specs(metrics, "metrics", names)
+            self._weighted_specs = outputs_lib.metric_specs(
+                weighted_metrics, "weighted_metrics", names
+            )
+        else:
+            if loss_weights is not None:
+                raise ValueError(
+                    "`loss_weights` weighs the losses of several outputs; it needs `loss` "
+                    "as a dict or list of per-output losses. Received: "
+                    f"loss={loss!r}, loss_weights={loss_weights!r}."
+                )
+            self._loss_fn = losses_lib.get(loss)
+            self._metric_specs = _args.metric_specs(metrics)
+            self._weighted_specs = _args.metric_specs(weighted_metrics, "weighted_metrics")
         self.optimizer = optimizers_lib.get(optimizer)
-        self._metric_specs = _args.metric_specs(metrics)
-        self._weighted_specs = _args.metric_specs(weighted_metrics, "weighted_metrics")
         self._regularizer = regularizers_lib.get(regularizer)
         self._key = _args.to_key(seed)
         self.distribution = distribution
@@ -213,12 +275,27 @@ class Model:
             self._require_built("learning_rate").opt_state, value
         )
 
+    @property
+    def eval_params(self) -> Any:
+        """The params that ``evaluate``, ``predict`` and ``save_weights`` use (read-only).
+
+        For a schedule-free optimizer (``optax.contrib.schedule_free_adamw``, ...), its
+        evaluation params, ``optax.contrib.schedule_free_eval_params(opt_state, params)``
+        (see :func:`hkfit.optimizers.eval_params`), computed by a jitted function at each
+        read; for any other optimizer, ``params`` itself (the same object).
+        """
+        ts = self._require_built("eval_params")
+        if not optimizers_lib.is_schedule_free(ts.opt_state):
+            return ts.params
+        return _eval_params(ts.opt_state, ts.params)
+
     def apply_fn(self, params: Any, state: Any, x: Any) -> Any:
         """Pure inference: ``apply_fn(model.params, model.state, x) -> y``.
 
         Runs the forward in inference mode (``is_training=False``), with a fixed key
         derived from the seed for any layer that draws one. It composes with ``jax.jit``,
-        ``jax.vmap``, ``jax.grad``, ``jax.jacrev`` and ``jax.jacfwd``.
+        ``jax.vmap``, ``jax.grad``, ``jax.jacrev`` and ``jax.jacfwd``. With a schedule-free
+        optimizer, pass ``model.eval_params`` to get what ``predict`` computes.
         """
         return self._forward.apply_eval(params, state, self._stream(_INFER), x)
 
@@ -240,6 +317,8 @@ class Model:
             metrics=self._metric_specs,
             weighted_metrics=self._weighted_specs,
             regularizer=self._regularizer,
+            loss_weights=self.loss_weights,
+            objective=self.objective,
             seed=self._key,
             distribution=self.distribution,
         )
@@ -267,34 +346,31 @@ class Model:
             )
         return self
 
-    def _build(self, x: Any, y: Any = None) -> Program:
+    def _build(self, x: Any, y: Any = None, train: bool = False) -> Program:
         """Initializes if needed and checks ``x`` (and ``y``) once per input structure."""
         self.init(x)
-        signature = (_args.signature(x), None if y is None else _args.signature(y))
+        signature = (_args.signature(x), None if y is None else _args.signature(y), train)
         if signature not in self._checked:
-            data_lib.check_input_spec(x, self._input_spec)
-            jaxpr, out = jax.make_jaxpr(self.apply_fn, return_shape=True)(
-                self.params, self.state, data_lib.take_rows(x, 0, 2)
-            )
-            if y is not None:
-                sample_y = data_lib.take_rows(y, 0, 2)
-                losses_lib.check_output(self.loss, out, sample_y)
-                if self._loss_name in losses_lib.LOGIT_NAMES and not self._warned_logits:
-                    self._warned_logits = forward_lib.emits_probabilities(jaxpr)
-                    if self._warned_logits:
-                        warnings.warn(
-                            f"loss={self._loss_name!r} takes logits, but the forward ends in a "
-                            "softmax or a sigmoid. Return logits (drop the activation), or "
-                            "pass a loss object that takes probabilities: hkfit.losses."
-                            f"{_class_name(self._loss_name)}(from_logits=False).",
-                            stacklevel=4,
-                        )
-                if self._metrics is None:
-                    sample_x = data_lib.take_rows(x, 0, 2)
-                    self._metrics = self._resolve_metrics(sample_y, out) + [
-                        step_lib.AuxLoss(name) for name in self._added_losses(sample_x)
-                    ]
-                    self._program = None
+            sample_x = data_lib.take_rows(x, 0, 2)
+            sample_y = None if y is None else data_lib.take_rows(y, 0, 2)
+            if self._forward_takes(x, train):
+                jaxpr, out = jax.make_jaxpr(self.apply_fn, return_shape=True)(
+                    self.params, self.state, sample_x
+                )
+                if y is not None:
+                    self._check_outputs(jaxpr, out, sample_y)
+                    if self._metrics is None:
+                        self._metrics = []
+                        if self._loss_fn is not None:
+                            self._metrics = self._resolve_metrics(sample_y, out) + [
+                                step_lib.AuxLoss(name) for name in self._added_losses(sample_x)
+                            ]
+                        self._program = None
+            if y is not None and self.train_step_fn is not None and self._train_metrics is None:
+                sample = Batch(sample_x, sample_y, np.ones(2, np.float32))
+                names = custom_lib.log_names(self.train_step_fn, self.train_state, sample)
+                self._train_metrics = [custom_lib.StepLog(name) for name in names]
+                self._program = None
             self._checked.add(signature)
         if self._program is None:
             self._program = Program(
@@ -305,8 +381,67 @@ class Model:
                 self._layout,
                 self._stream(_INFER),
                 regularizer=self._regularizer,
+                custom_step=self.train_step_fn,
+                train_metrics=self._train_metrics,
             )
         return self._program
+
+    def _require_objective(self, what: str) -> None:
+        """A model trained by a custom ``train_step`` alone has no loss to evaluate."""
+        if self._loss_fn is None:
+            raise ValueError(
+                f"`{what}` needs a loss: this model has a custom `train_step` but neither "
+                "`loss` nor `objective`. Pass one of them to the Model to evaluate it."
+            )
+
+    def _forward_takes(self, x: Any, train: bool) -> bool:
+        """Checks ``x`` against the inputs the model was built on.
+
+        A custom ``train_step`` may train on data that is not the forward's input (a GAN
+        trains on samples and generates from noise): its ``fit`` data is not checked
+        against the forward's inputs, and then not run through the forward either.
+
+        Raises:
+          ValueError: for inputs that do not match, unless a custom step takes them.
+        """
+        try:
+            data_lib.check_input_spec(x, self._input_spec)
+        except ValueError:
+            if self.train_step_fn is None or not train:
+                raise
+            return False
+        return True
+
+    def _check_outputs(self, jaxpr: Any, out: Any, sample_y: Any) -> None:
+        """Checks the losses against the forward's outputs; warns once of probabilities."""
+        if self.loss is None:  # a custom objective or train step reads y itself
+            return
+        if self._heads is None:
+            outputs_lib.require_matching_loss(self.loss, out)
+            losses_lib.check_output(self.loss, out, sample_y)
+            named: list[tuple[str | None, int | None]] = [(self._loss_name, None)]
+        else:
+            outputs_lib.check_structure(self._heads, out, sample_y)
+            leaves = outputs_lib.leaf_indices(self._heads, out)
+            named = []
+            for head in self._heads.trained():
+                losses_lib.check_output(
+                    head.loss, outputs_lib.at(out, head), outputs_lib.at(sample_y, head)
+                )
+                if isinstance(head.loss, str) and leaves[head.name] is not None:
+                    named.append((head.loss, leaves[head.name]))
+        for name, leaf in named:
+            if name not in losses_lib.LOGIT_NAMES or self._warned_logits:
+                continue
+            self._warned_logits = forward_lib.emits_probabilities(jaxpr, leaf)
+            if self._warned_logits:
+                warnings.warn(
+                    f"loss={name!r} takes logits, but the forward ends in a softmax or a "
+                    "sigmoid. Return logits (drop the activation), or pass a loss object "
+                    f"that takes probabilities: hkfit.losses.{_class_name(name)}"
+                    "(from_logits=False).",
+                    stacklevel=5,
+                )
 
     def _added_losses(self, sample_x: Any) -> list[str]:
         """Names of the losses the forward adds (``hkfit.add_loss``), plus regularization."""
@@ -337,6 +472,10 @@ class Model:
                 from_logits=losses_lib.takes_logits(self.loss),
             )
 
+        if self._heads is not None:
+            return outputs_lib.resolve_metrics(
+                self._heads, self._metric_specs, self._weighted_specs, sample_y, out
+            )
         plain = [get(spec) for spec in self._metric_specs]
         taken = {m.name for m in plain}
         weighted = []
@@ -357,6 +496,7 @@ class Model:
             set_state=lambda ts: setattr(self._slot, "ts", ts),
             example=lambda: zeros_like_spec(self._input_spec),
             shuffle_key=self._stream(_SHUFFLE),
+            eval_params=lambda: self.eval_params,
         )
 
     # --- fit / evaluate / predict --------------------------------------------------------
@@ -381,6 +521,7 @@ class Model:
         validation_freq: Any = 1,
         steps_per_execution: Any = "auto",
         check_inputs: bool = True,
+        gradient_accumulation_steps: int = 1,
     ) -> callbacks_lib.History:
         """Trains for the epochs numbered ``initial_epoch, ..., epochs - 1``.
 
@@ -402,16 +543,28 @@ class Model:
             the number of epochs the model has trained, so successive ``fit`` calls
             reshuffle and a resumed run is bit-identical.
           class_weight: ``{class: weight}`` multiplying each row's weight (arrays only).
-          sample_weight: per-row weights, shape ``[rows]``.
+          sample_weight: per-row weights ``[rows]``, per-token weights ``[rows, ...]``,
+            or a dict (list) of them per output of a multi-output model.
           initial_epoch: index of the first epoch to run (to resume).
-          steps_per_epoch: batches per epoch; bounds an infinite iterable. With arrays,
-            exactly this many batches of each epoch's order are used (at most one epoch).
+          steps_per_epoch: batches (optimizer steps) per epoch; bounds an infinite
+            iterable. With arrays, exactly this many batches of each epoch's order are
+            used (at most one epoch).
           validation_batch_size: batch size for validation (default ``batch_size``).
           validation_freq: validate every N epochs (int) or after the listed 1-based epochs.
           steps_per_execution: ``"auto"`` or the number of batches fused into one compiled
             call, for training and validation. Batch callbacks fire once per call; under
             ``"auto"`` a callback that overrides a batch hook gets every batch.
           check_inputs: refuse NaN/Inf in array ``x``/``y`` (one cheap host pass).
+          gradient_accumulation_steps: N >= 1 micro-batches per optimizer step, their
+            gradients accumulated with ``optax.MultiSteps``. ``batch_size`` stays what one
+            forward pass sees; a step trains on N * ``batch_size`` rows, and equals a step
+            on one batch of that size for a model without Haiku state (the last, short
+            one of an epoch too). Haiku state (``hk.BatchNorm`` statistics) is updated on
+            every micro-batch. ``model.step``, ``steps_per_epoch``, batch hooks,
+            ``ModelCheckpoint(save_freq=...)`` and the progress bar count optimizer
+            steps. An iterable ``x`` gives N consecutive batches to each step (the last
+            step of an epoch may get fewer). Validation is unaffected. Micro-batch ``i``
+            of step ``s`` draws its dropout key from ``fold_in(fold_in(rng, s), i)``.
 
         Returns:
           The :class:`hkfit.callbacks.History` of this call (also ``model.history``).
@@ -429,7 +582,16 @@ class Model:
             validation_batch_size=validation_batch_size,
             validation_freq=validation_freq,
             steps_per_execution=steps_per_execution,
+            gradient_accumulation_steps=gradient_accumulation_steps,
         )
+        if validation_data is not None or validation_split:
+            self._require_objective("validation_data")
+        if self.train_step_fn is not None and args.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "`gradient_accumulation_steps` accumulates the gradients of the model's "
+                "loss; a custom `train_step` takes its own steps. Received: "
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps}."
+            )
         context = self._context()
         train, val = runs.fit_feeds(
             context,
@@ -491,13 +653,15 @@ class Model:
         """Loss and metrics over every row of ``x`` (weighted by ``sample_weight``).
 
         Exact: the last partial batch is padded with zero-weight rows, never dropped.
+        Runs with :attr:`eval_params` (a schedule-free optimizer's evaluation params).
 
         Args:
           x: inputs (array or pytree of arrays), or an iterable of ``(x, y[, w])`` batches.
           y: targets for array inputs.
           batch_size: rows per batch (arrays only).
           verbose: ``"auto"``, 0, 1 (a progress bar on stderr) or 2 (one line on stdout).
-          sample_weight: per-row weights, shape ``[rows]``.
+          sample_weight: per-row weights ``[rows]``, per-token weights ``[rows, ...]``,
+            or a dict (list) of them per output of a multi-output model.
           steps: evaluate at most this many batches.
           callbacks: callbacks whose ``on_test_*`` hooks are called.
           steps_per_execution: ``"auto"`` or batches per compiled call (see ``fit``).
@@ -513,6 +677,7 @@ class Model:
         steps = None if steps is None else _args.positive_int(steps, "steps")
         _args.check_steps_per_execution(steps_per_execution)
         verbose = callbacks_lib.resolve_verbose(verbose)
+        self._require_objective("evaluate")
         context = self._context()
         feed = runs.eval_feed(
             context, x, y, sample_weight, batch_size, check_inputs, resident=False
@@ -540,8 +705,9 @@ class Model:
     ) -> Any:
         """Model outputs in inference mode, exactly one row per input row.
 
-        For a deterministic forward, equal to ``model.apply_fn(model.params, model.state,
-        x)`` on the whole input (see the class docs for randomness).
+        For a deterministic forward, equal to ``model.apply_fn(model.eval_params,
+        model.state, x)`` on the whole input (see the class docs for randomness);
+        ``eval_params`` is ``params`` unless the optimizer is schedule-free.
 
         Args:
           x: an array, a pytree of arrays, or an iterable of input batches. An iterable's
@@ -576,6 +742,7 @@ class Model:
 
     def test_on_batch(self, x: Any, y: Any, *, sample_weight: Any = None) -> dict[str, float]:
         """Loss and metrics of one batch in inference mode."""
+        self._require_objective("test_on_batch")
         return runs.test_on_batch(self._context(), x, y, sample_weight)
 
     def predict_on_batch(self, x: Any) -> Any:
@@ -588,9 +755,12 @@ class Model:
         progress = saving.Progress(
             self.epoch, self._epochs_trained, self.history.epoch, self.history.history
         )
+        ts = self._require_built("save_weights" if weights_only else "save")
+        if weights_only:  # for inference: a schedule-free optimizer's evaluation params
+            ts = ts._replace(params=self.eval_params)
         saving.save(
             path,
-            self._require_built("save_weights" if weights_only else "save"),
+            ts,
             weights_only=weights_only,
             input_spec=self._input_spec,
             seed=self._key,
@@ -607,14 +777,13 @@ class Model:
                     "Call `model.init(x)` with an example batch first."
                 )
             self.init(example)
+        live = self._require_built("load")
         ts, progress = saving.restore(
-            path,
-            meta,
-            arrays,
-            self._require_built("load"),
-            weights_only=weights_only,
-            seed=self._key,
+            path, meta, arrays, live, weights_only=weights_only, seed=self._key
         )
+        if ts.opt_state is live.opt_state and optimizers_lib.is_schedule_free(ts.opt_state):
+            # Its evaluation params depend on its state too: start it at the loaded params.
+            ts = self._layout.place_state(ts._replace(opt_state=self.optimizer.init(ts.params)))
         self._slot.ts = ts
         if progress is not None:
             self.epoch, self._epochs_trained = progress.epoch, progress.epochs_trained
@@ -643,11 +812,21 @@ class Model:
         return self
 
     def save_weights(self, path: str) -> None:
-        """Writes params and state only (atomically, arrays and JSON, never pickle)."""
+        """Writes params and state only (atomically, arrays and JSON, never pickle).
+
+        The params written are :attr:`eval_params`, the ones ``predict`` uses: for a
+        schedule-free optimizer its evaluation params (``save`` keeps the training params
+        and the optimizer state, to resume exactly).
+        """
         self._save(path, weights_only=True)
 
     def load_weights(self, path: str) -> Model:
-        """Restores params and state from a file written by :meth:`save_weights` or :meth:`save`."""
+        """Restores params and state from a file written by :meth:`save_weights` or :meth:`save`.
+
+        The optimizer state is kept, except a schedule-free optimizer's, whose evaluation
+        params depend on it: it starts afresh at the loaded params (so ``predict`` runs
+        with them).
+        """
         self._load(path, weights_only=True)
         return self
 

@@ -323,6 +323,11 @@ class ModelView:
         self._parent.params = value
 
     @property
+    def eval_params(self) -> Any:
+        """The parent's :attr:`hkfit.Model.eval_params`, which ``predict`` and ``evaluate`` use."""
+        return self._parent.eval_params
+
+    @property
     def state(self) -> Any:
         return self._parent.state
 

@@ -26,6 +26,8 @@ import numpy as np
 import optax
 
 from hkfit import _auxiliary as auxiliary
+from hkfit import _custom as custom_lib
+from hkfit import _outputs as outputs_lib
 from hkfit import metrics as metrics_lib
 
 PyTree = Any
@@ -69,11 +71,16 @@ class Batch(NamedTuple):
     mask: jax.Array | np.ndarray | None = None
 
 
+def num_weight_rows(weights: PyTree) -> int:
+    """Rows of a batch's weights: one array, or a dict of per-output arrays."""
+    return jnp.shape(jax.tree_util.tree_leaves(weights)[0])[0]
+
+
 def row_mask(batch: Batch) -> jax.Array:
     """The batch's padding mask (ones when it has none)."""
     if batch.mask is not None:
         return jnp.asarray(batch.mask, jnp.float32)
-    return jnp.ones(jnp.shape(batch.weights)[:1], jnp.float32)
+    return jnp.ones((num_weight_rows(batch.weights),), jnp.float32)
 
 
 LOSS_METRIC = metrics_lib.Mean(lambda _, values: values, "loss")
@@ -98,7 +105,12 @@ class AuxLoss(metrics_lib.Mean):
 
 
 def row_weights_of(batch: Batch) -> jax.Array:
-    """One weight per row: per-token weights are summed over each row's tokens."""
+    """One weight per row: per-token weights are summed over each row's tokens.
+
+    With per-output weights (a dict, see ``hkfit._outputs``) every real row weighs 1.
+    """
+    if isinstance(batch.weights, dict):
+        return row_mask(batch)
     weights = jnp.asarray(batch.weights, jnp.float32)
     return weights.reshape(weights.shape[0], -1).sum(axis=-1) if weights.ndim > 1 else weights
 
@@ -108,7 +120,7 @@ def update_logs(
     metrics: Sequence[Any],
     batch: Batch,
     y_pred: PyTree,
-    per_example_loss: jax.Array,
+    per_example_loss: jax.Array | dict[str, jax.Array],
     aux: dict[str, jax.Array] | None = None,
 ) -> tuple:
     """Adds one batch to the metric states.
@@ -116,14 +128,22 @@ def update_logs(
     The loss is weighted by ``batch.weights``; a metric is weighted the same way when it is
     marked ``weighted`` (``Model(weighted_metrics=...)``), and sees only the padding mask
     otherwise, as Keras's ``metrics=`` do. An :class:`AuxLoss` reads its per-row values
-    from ``aux`` (zeros when this batch added none under its name).
+    from ``aux`` (zeros when this batch added none under its name). A metric with an
+    ``observe`` method (the per-output losses and metrics of ``hkfit._outputs``) reads
+    what it needs itself; ``per_example_loss`` is then a dict of per-output losses, and
+    the total loss is made of those (see :func:`compute_logs`).
     """
-    loss_state = LOSS_METRIC.update(logs[0], None, per_example_loss, batch.weights)
     mask = row_mask(batch)
+    if isinstance(per_example_loss, dict):
+        loss_state = logs[0]
+    else:
+        loss_state = LOSS_METRIC.update(logs[0], None, per_example_loss, batch.weights)
     rows = row_weights_of(batch)
     aux = aux or {}
 
     def update(m, s):
+        if hasattr(m, "observe"):
+            return m.observe(s, batch, y_pred, per_example_loss, aux, mask)
         if getattr(m, "aux", False):
             return m.update(s, None, aux.get(m.name, jnp.zeros_like(rows)), rows)
         return m.update(
@@ -139,15 +159,30 @@ def objective_terms(
     y_pred: PyTree,
     added: dict[str, jax.Array],
     regularization: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, jax.Array | dict[str, jax.Array], dict[str, jax.Array]]:
     """``(objective, per-example loss, aux)`` of one batch.
 
     The objective is the weighted mean loss plus every loss the forward added with
     ``hkfit.add_loss`` (and the regularization of the params), each as a weighted mean
-    over rows; ``aux`` holds those added losses, one value per row.
+    over rows; ``aux`` holds those added losses, one value per row. For a multi-output
+    model (``loss_fn`` is ``hkfit._outputs.Heads``) the loss part is the weighted sum of
+    the outputs' means, and the per-example loss a dict of each output's losses.
     """
-    per_example = loss_fn(batch.y, y_pred)
-    total = weighted_mean(per_example, batch.weights)
+    if isinstance(loss_fn, outputs_lib.Heads):
+        outputs_lib.check_weight_names(batch.weights, loss_fn)
+        per_example: Any = outputs_lib.head_losses(loss_fn, batch.y, y_pred)
+        total = outputs_lib.objective(
+            loss_fn, per_example, batch.weights, row_mask(batch), weighted_mean
+        )
+    else:
+        if isinstance(batch.weights, dict):
+            raise ValueError(
+                "`sample_weight` is a dict of per-output weights, but the model has one "
+                "loss. Expected one array of weights, or `loss` as a dict of per-output "
+                "losses."
+            )
+        per_example = loss_fn(batch.y, y_pred)
+        total = weighted_mean(per_example, batch.weights)
     rows = row_weights_of(batch)
     if regularization is not None:
         added = {**added, REGULARIZATION: regularization}
@@ -163,14 +198,19 @@ REGULARIZATION = "regularization_loss"
 def compute_logs(logs: tuple, metrics: Sequence[Any]) -> dict[str, float]:
     """Turns (host or device) metric states into a dict of Python floats.
 
-    ``loss`` is the total objective: the weighted mean loss plus every added loss
+    ``loss`` is the total objective: the weighted mean loss (for a multi-output model,
+    each output's ``<output>_loss`` times its loss weight) plus every added loss
     (:class:`AuxLoss`), each of which is also logged under its own name.
     """
     values = {"loss": LOSS_METRIC.compute(logs[0])}
+    if any(getattr(m, "custom", False) for m in metrics):
+        values = {}  # a custom train step logs what it returns (see hkfit._custom)
     for m, s in zip(metrics, logs[1:]):
         values[m.name] = m.compute(s)
         if getattr(m, "aux", False):
             values["loss"] = values["loss"] + values[m.name]
+        elif getattr(m, "loss_weight", None) is not None:  # one output's loss
+            values["loss"] = values["loss"] + m.loss_weight * values[m.name]
     return {k: float(v) for k, v in values.items()}
 
 
@@ -190,6 +230,87 @@ def gather(tree: PyTree, rows: jax.Array) -> PyTree:
     return jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0), tree)
 
 
+def forward_terms(
+    apply: Callable,
+    loss_fn: Any,
+    regularizer: Callable[[PyTree], jax.Array] | None,
+    params: PyTree,
+    state: PyTree,
+    key: jax.Array | None,
+    batch: Batch,
+) -> tuple:
+    """``(y_pred, new_state, objective, per-example loss, aux)`` of one batch.
+
+    ``apply(params, state, [key,] x) -> (y_pred, new_state)`` is the forward (``key`` is
+    left out when None); ``loss_fn`` a loss, the heads of a multi-output model, or a user
+    objective (``hkfit._custom.Objective``), which calls the forward itself.
+    """
+    keys = () if key is None else (key,)
+    regularization = None if regularizer is None else regularizer(params)
+    if isinstance(loss_fn, custom_lib.Objective):
+
+        def user_apply(params, state, rng, x):
+            return apply(params, state, *(() if rng is None else (rng,)), x)
+
+        (loss, (y_pred, new_state)), added = auxiliary.collect(
+            loss_fn.fn, user_apply, params, state, key, batch
+        )
+        per_example: Any = custom_lib.per_example(loss, batch)
+        total, _, aux = objective_terms(
+            lambda *_: per_example, batch, y_pred, added, regularization
+        )
+        return y_pred, new_state, total, per_example, aux
+    (y_pred, new_state), added = auxiliary.collect(apply, params, state, *keys, batch.x)
+    total, per_example, aux = objective_terms(loss_fn, batch, y_pred, added, regularization)
+    return y_pred, new_state, total, per_example, aux
+
+
+def make_batch_gradient(
+    apply_train: ApplyTrain,
+    loss_fn: Callable,
+    metrics: Sequence[Any] = (),
+    *,
+    regularizer: Callable[[PyTree], jax.Array] | None = None,
+) -> Callable:
+    """Builds the forward and backward pass of one batch in training mode.
+
+    Args:
+      apply_train: the forward function in training mode.
+      loss_fn: ``(y_true, y_pred) -> per-example losses``.
+      metrics: metric objects (see :mod:`hkfit.metrics`), updated with the train-mode output.
+      regularizer: ``params -> scalar`` added to the objective (see
+        :mod:`hkfit.regularizers`); losses the forward adds with ``hkfit.add_loss`` are
+        added too (see :func:`objective_terms`).
+
+    Returns:
+      A pure ``gradient(params, state, key, logs, batch) -> (objective, grads, new_state,
+      logs)``: the batch objective, its gradient with respect to ``params``, the forward's
+      new Haiku state, and the metric states with the batch added.
+    """
+
+    def gradient(params: PyTree, state: PyTree, key: jax.Array, logs: tuple, batch: Batch):
+        def objective(params):
+            y_pred, new_state, total, per_example, aux = forward_terms(
+                apply_train, loss_fn, regularizer, params, state, key, batch
+            )
+            return total, (y_pred, new_state, per_example, aux)
+
+        (loss, (y_pred, new_state, per_example, aux)), grads = jax.value_and_grad(
+            objective, has_aux=True
+        )(params)
+        logs = update_logs(
+            logs,
+            metrics,
+            batch,
+            y_pred,
+            jax.lax.stop_gradient(per_example),
+            jax.lax.stop_gradient(aux),
+        )
+        return loss, grads, new_state, logs
+
+    return gradient
+
+
 def make_train_step(
     apply_train: ApplyTrain,
     loss_fn: Callable,
@@ -207,40 +328,21 @@ def make_train_step(
         ``value=`` (for transforms such as ``optax.contrib.reduce_on_plateau``).
       metrics: metric objects (see :mod:`hkfit.metrics`), updated with the train-mode output.
       regularizer: ``params -> scalar`` added to the objective (see
-        :mod:`hkfit.regularizers`); losses the forward adds with ``hkfit.add_loss`` are
-        added too (see :func:`objective_terms`).
+        :func:`make_batch_gradient`).
 
     Returns:
       A pure function; dropout keys are ``fold_in(ts.rng, ts.step)``.
     """
 
     optimizer = optax.with_extra_args_support(optimizer)
+    gradient = make_batch_gradient(apply_train, loss_fn, metrics, regularizer=regularizer)
 
     def train_step(ts: TrainState, logs: tuple, batch: Batch):
         key = jax.random.fold_in(ts.rng, ts.step)
-
-        def objective(params):
-            (y_pred, new_state), added = auxiliary.collect(
-                apply_train, params, ts.state, key, batch.x
-            )
-            regularization = None if regularizer is None else regularizer(params)
-            total, per_example, aux = objective_terms(loss_fn, batch, y_pred, added, regularization)
-            return total, (y_pred, new_state, per_example, aux)
-
-        (loss, (y_pred, new_state, per_example, aux)), grads = jax.value_and_grad(
-            objective, has_aux=True
-        )(ts.params)
+        loss, grads, new_state, logs = gradient(ts.params, ts.state, key, logs, batch)
         # `value=` reaches transforms that need the loss (optax.contrib.reduce_on_plateau)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params, value=loss)
         params = optax.apply_updates(ts.params, updates)
-        logs = update_logs(
-            logs,
-            metrics,
-            batch,
-            y_pred,
-            jax.lax.stop_gradient(per_example),
-            jax.lax.stop_gradient(aux),
-        )
         return TrainState(params, new_state, opt_state, ts.rng, ts.step + 1), logs
 
     return train_step
@@ -261,9 +363,12 @@ def make_eval_step(
     """
 
     def eval_step(params, state, logs: tuple, batch: Batch, *rng):
-        y_pred, added = auxiliary.collect(apply_eval, params, state, *rng, batch.x)
-        regularization = None if regularizer is None else regularizer(params)
-        _, per_example, aux = objective_terms(loss_fn, batch, y_pred, added, regularization)
+        def apply(params, state, *args):  # as in training: (y_pred, state)
+            return apply_eval(params, state, *args), state
+
+        y_pred, _, _, per_example, aux = forward_terms(
+            apply, loss_fn, regularizer, params, state, rng[0] if rng else None, batch
+        )
         return update_logs(logs, metrics, batch, y_pred, per_example, aux)
 
     return eval_step
@@ -346,8 +451,11 @@ def _masked(batch: Batch, valid: jax.Array) -> Batch:
         values = jnp.asarray(values)
         return values * valid.astype(values.dtype).reshape(valid.shape + (1,) * (values.ndim - 1))
 
-    mask = apply(jnp.ones_like(batch.weights) if batch.mask is None else batch.mask)
-    return batch._replace(weights=apply(batch.weights), mask=mask)
+    if batch.mask is None and not isinstance(batch.weights, dict):
+        mask = apply(jnp.ones_like(batch.weights))
+    else:
+        mask = apply(row_mask(batch))
+    return batch._replace(weights=jax.tree_util.tree_map(apply, batch.weights), mask=mask)
 
 
 def padded_rows(batch_index, batch_size: int, num_rows: int, width: int | None = None):

@@ -86,8 +86,9 @@ class EarlyStopping(Callback):
       baseline: training stops unless ``monitor`` beats this value within ``patience``
         epochs.
       restore_best_weights: at the end of training (whether or not the stop triggered),
-        set params and state back to those of the best epoch. The snapshot is a device
-        copy, safe from the buffer donation of the training steps.
+        set params and state back to those of the best epoch (and, for a schedule-free
+        optimizer, whose evaluation params depend on it, the optimizer state). The
+        snapshot is a device copy, safe from the buffer donation of the training steps.
       start_from_epoch: epochs to wait before watching (warm-up).
 
     Attributes:
@@ -131,7 +132,11 @@ class EarlyStopping(Callback):
         self.best_weights = None
 
     def _snapshot(self):
-        return copy_tree((self.model.params, self.model.state))
+        weights = (self.model.params, self.model.state)
+        if optimizers_lib.is_schedule_free(self.model.opt_state):
+            # its evaluation params are a function of params AND optimizer state
+            weights = (*weights, self.model.opt_state)
+        return copy_tree(weights)
 
     def on_epoch_end(self, epoch, logs=None):
         current = monitored(logs, self.monitor, "EarlyStopping", self._warned)
@@ -161,7 +166,10 @@ class EarlyStopping(Callback):
                     f"({self.best_epoch + 1}).",
                     flush=True,
                 )
-            self.model.params, self.model.state = self.best_weights
+            params, state, *opt_state = self.best_weights
+            self.model.params, self.model.state = params, state
+            if opt_state:
+                self.model.opt_state = opt_state[0]
             self.best_weights = None
 
 
