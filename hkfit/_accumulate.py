@@ -17,9 +17,9 @@ state; Haiku state, e.g. ``hk.BatchNorm`` statistics, is threaded through the
 micro-batches and updated on each). A short macro-batch (the last of an epoch, or a short
 group of an iterable's batches) has fewer real micro-batches: MultiSteps gets a zero
 gradient for each missing one, which keeps the mean exact. ``W_i`` sums the row weights of
-:func:`hkfit.step.row_weights_of`, which every term of a single-output objective uses
-(one weight per row or token); a multi-output model's per-output sample weights may
-spread differently, and its step then only approximates the large batch.
+:func:`hkfit.step.row_weights_of`, which every term of the objective uses (one weight per
+row or token); per-output sample weights of a multi-output model would spread differently
+over the outputs, so they are refused.
 
 Dropout keys: micro-batch ``i`` of optimizer step ``s`` draws from
 ``fold_in(fold_in(rng, s), i)``.
@@ -56,7 +56,18 @@ class _Carry(NamedTuple):
 
 
 def _weight(batch: Batch) -> jax.Array:
-    """The total row weight of a batch (padding rows weigh 0)."""
+    """The total row weight of a batch (padding rows weigh 0).
+
+    Raises:
+      ValueError: for per-output sample weights, whose outputs would each need their
+        own share (refused at trace time, before any step runs).
+    """
+    if isinstance(batch.weights, dict):
+        raise ValueError(
+            "`gradient_accumulation_steps` needs one sample weight per row (or token) for "
+            "every output: with per-output `sample_weight` the accumulated step would not "
+            f"equal one larger batch. Received: sample_weight for {sorted(batch.weights)}."
+        )
     return jnp.sum(step_lib.row_weights_of(batch))
 
 

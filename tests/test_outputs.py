@@ -243,3 +243,17 @@ def test_a_callable_loss_still_takes_the_whole_output_pytree():
     m = hkfit.Model(two_heads, loss=loss, optimizer=optax.sgd(0.01))
     logs = m.fit(x, y, epochs=1, verbose=0).history
     assert set(logs) == {"loss"}
+
+
+def test_gradient_accumulation_equals_larger_batches_and_refuses_per_output_weights():
+    x, y, w = data()
+    a, b = model(optimizer=optax.sgd(0.05)), model(optimizer=optax.sgd(0.05))
+    a.fit(x, y, batch_size=20, shuffle=False, verbose=0)
+    b.fit(x, y, batch_size=10, gradient_accumulation_steps=2, shuffle=False, verbose=0)
+    for p, q in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6)
+    before = jax.tree_util.tree_map(np.array, b.params)
+    with pytest.raises(ValueError, match="per-output `sample_weight`"):
+        b.fit(x, y, sample_weight=w, batch_size=10, gradient_accumulation_steps=2, verbose=0)
+    for p, q in zip(jax.tree_util.tree_leaves(b.params), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(p, q)
