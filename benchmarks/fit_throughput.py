@@ -12,6 +12,10 @@ interleaved repeat by repeat (A B C D, then B C D A, ...):
    batch): one dispatch per epoch, the reference every ratio is taken to.
 4. ``keras``: Keras 3 with ``KERAS_BACKEND=jax`` and its defaults, when keras is importable.
 
+A "mixed precision" part runs ``hkfit`` alone under ``Model(precision=...)`` =
+``"float32"``, ``"mixed_bfloat16"`` and ``"mixed_float16"`` (interleaved the same way)
+and reports each policy's samples/s as a ratio to float32.
+
 Every run builds a fresh model (its steps are traced and compiled again) and trains for a
 few epochs: the first epoch (setup + compilation) is reported apart, steady-state samples/s
 come from the later ones. One excluded warm-up run per implementation first pays the
@@ -59,6 +63,7 @@ HIDDEN = (256, 256)
 CLASSES = 10
 LEARNING_RATE = 1e-3
 IMPLS = ("hkfit", "jit loop", "scan epoch", "keras")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MB = 1024 * 1024
 _KERAS: dict = {}
 
@@ -226,7 +231,9 @@ class Run(NamedTuple):
     accuracy: float
 
 
-def run_hkfit(data: Data, batch_size: int, epochs: int, seed: int) -> Run:
+def run_hkfit(
+    data: Data, batch_size: int, epochs: int, seed: int, precision: str = "float32"
+) -> Run:
     class Clock(hkfit.Callback):
         def on_epoch_end(self, epoch, logs=None):
             ends.append(now())
@@ -237,6 +244,7 @@ def run_hkfit(data: Data, batch_size: int, epochs: int, seed: int) -> Run:
         loss="sparse_categorical_crossentropy",
         optimizer=optax.adam(LEARNING_RATE),
         metrics=["accuracy"],
+        precision=precision,
         seed=seed,
     )
     model.fit(data.x, data.y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[Clock()])
@@ -346,9 +354,11 @@ class Sample(NamedTuple):
     accuracy: float
 
 
-def measure_fit(impl: str, data: Data, batch_size: int, epochs: int, seed: int) -> Sample:
+def measure_fit(
+    impl: str, data: Data, batch_size: int, epochs: int, seed: int, **options
+) -> Sample:
     with PeakRss() as rss:
-        run = RUNNERS[impl](data, batch_size, epochs, seed)
+        run = RUNNERS[impl](data, batch_size, epochs, seed, **options)
     times, cpu = np.diff(np.asarray(run.ends), axis=0).T
     steady = float(np.median(times[1:]))
     return Sample(
@@ -447,6 +457,21 @@ def bench_inference(data: Data, batch_size: int, repeats: int) -> dict:
     np.testing.assert_allclose(
         outputs["hkfit evaluate"]["loss"], outputs["hand evaluate"]["loss"], rtol=1e-4
     )
+    return results
+
+
+def bench_precision(data: Data, batch_size: int, epochs: int, repeats: int) -> dict:
+    """hkfit fit under each ``Model(precision=...)``, interleaved: ``{precision: [Sample]}``."""
+    results: dict = {p: [] for p in PRECISIONS}
+    for r in range(repeats):
+        for precision in rotated(PRECISIONS, r):
+            s = measure_fit("hkfit", data, batch_size, epochs, seed=r, precision=precision)
+            results[precision].append(s)
+            log(
+                f"  precision {precision:>14} r{r}: {s.samples_per_s:9.0f} samples/s "
+                f"({s.samples_per_cpu_s:7.0f}/CPU-s), first epoch {s.first_epoch_s:6.2f} s, "
+                f"acc {s.accuracy:.3f}"
+            )
     return results
 
 
@@ -637,6 +662,40 @@ def inference_section(inference, targets: list) -> list:
     return lines
 
 
+def precision_section(precision) -> list:
+    res, n, batch_size = precision["results"], precision["n"], precision["batch_size"]
+    base = med([s.samples_per_s for s in res["float32"]])
+    base_cpu = med([s.samples_per_cpu_s for s in res["float32"]])
+    lines = [
+        f"## mixed precision (hkfit fit, synthetic {n:,} rows, batch {batch_size})",
+        "",
+        f"`Model(precision=...)` on this machine ({jax.default_backend()}). "
+        + (
+            "No bfloat16-capable accelerator was available for this run. XLA's CPU "
+            "backend computes the half types by converting to float32 and back (a bfloat16 "
+            "matmul compiles to converts around a float32 dot), so on a CPU the mixed "
+            "policies run correctly but slower; tensor-core GPUs and TPUs are where they "
+            "pay off."
+            if jax.default_backend() == "cpu"
+            else ""
+        ),
+        "",
+        "| precision | samples/s | vs float32 | samples/CPU-s (vs float32) | first epoch (s) | "
+        "accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, samples in res.items():
+        sps = med([s.samples_per_s for s in samples])
+        cpu = med([s.samples_per_cpu_s for s in samples])
+        lines.append(
+            f"| {name} | {sps:,.0f}{spread([s.samples_per_s for s in samples])} | "
+            f"{sps / base:.2f}x | {cpu:,.0f} ({cpu / base_cpu:.2f}x) | "
+            f"{med([s.first_epoch_s for s in samples]):.2f} | "
+            f"{med([s.accuracy for s in samples]):.3f} (held-out) |"
+        )
+    return lines
+
+
 def scaling_section(scaling, targets: list) -> list:
     results = scaling["results"]
     sizes = sorted(results)
@@ -706,7 +765,9 @@ def cold_section(cold, targets: list) -> list:
     return lines
 
 
-def report(args, sizes, fit, inference, scaling, cold, started, elapsed, loads) -> str:
+def report(
+    args, sizes, fit, inference, scaling, cold, started, elapsed, loads, precision=None
+) -> str:
     configs = sizes["configs"]
     keras = import_keras()
     lines = [
@@ -740,7 +801,10 @@ def report(args, sizes, fit, inference, scaling, cold, started, elapsed, loads) 
             "hkfit dependency; `pip install keras` to include it."
         )
     targets: list = []
-    lines += [""] + fit_section(configs, fit, targets)
+    if configs:
+        lines += [""] + fit_section(configs, fit, targets)
+    if precision:
+        lines += [""] + precision_section(precision)
     for section, value in (
         (inference_section, inference),
         (scaling_section, scaling),
@@ -775,7 +839,7 @@ def plan(quick: bool) -> dict:
             "epochs": 2,
             "digits_epochs": 3,
             "b1024_epochs": 2,
-            "parts": {"digits", "b128", "inference", "scaling", "cold"},
+            "parts": {"digits", "b128", "precision", "inference", "scaling", "cold"},
             "scaling": [1_000, 2_000],
             "scaling_epochs": 2,
             "cold_n": 2_000,
@@ -788,7 +852,7 @@ def plan(quick: bool) -> dict:
         "epochs": 3,
         "digits_epochs": 30,
         "b1024_epochs": 5,
-        "parts": {"digits", "b32", "b128", "b1024", "inference", "scaling", "cold"},
+        "parts": {"digits", "b32", "b128", "b1024", "precision", "inference", "scaling", "cold"},
         "scaling": [15_000, 30_000, 60_000],
         "scaling_epochs": 3,
         "cold_n": 60_000,
@@ -819,7 +883,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated parts: digits,b32,b128,b1024,inference,scaling,cold",
+        help="comma-separated parts: digits,b32,b128,b1024,precision,inference,scaling,cold",
     )
     parser.add_argument("--probe", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--probe-n", type=int, help=argparse.SUPPRESS)
@@ -858,7 +922,13 @@ def main(argv=None) -> int:
         for impl in impls:
             measure_fit(impl, tiny, 32, 2, seed=0)
     fit = bench_fit(sizes["configs"], impls, args.repeats)
-    inference = scaling = cold = None
+    inference = scaling = cold = precision = None
+    if keep("precision"):
+        precision = {
+            "n": sizes["n"],
+            "batch_size": 128,
+            "results": bench_precision(synth, 128, sizes["epochs"], args.repeats),
+        }
     if keep("inference"):
         inference = {
             "batch_size": 1024,
@@ -881,7 +951,16 @@ def main(argv=None) -> int:
         }
     loads.append(load_average())
     text = report(
-        args, sizes, fit, inference, scaling, cold, started, time.perf_counter() - clock, loads
+        args,
+        sizes,
+        fit,
+        inference,
+        scaling,
+        cold,
+        started,
+        time.perf_counter() - clock,
+        loads,
+        precision,
     )
     out = args.out or (
         None if args.quick else os.path.join(os.path.dirname(__file__), "RESULTS.md")

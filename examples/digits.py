@@ -1,7 +1,10 @@
 """Train a small Haiku CNN on scikit-learn's bundled 8x8 digits with hkfit.
 
 Run:  python examples/digits.py
+      python examples/digits.py --precision mixed_bfloat16   # mixed precision (needs jmp)
 """
+
+import argparse
 
 import haiku as hk
 import jax
@@ -25,7 +28,7 @@ def forward(x, is_training):
     return hk.Linear(10)(x)
 
 
-def main():
+def main(precision="float32", verbose="auto"):
     digits = load_digits()
     images = (digits.images[..., None] / 16.0).astype(np.float32)  # (1797, 8, 8, 1), channels last
     labels = digits.target.astype(np.int32)
@@ -38,13 +41,21 @@ def main():
         loss="sparse_categorical_crossentropy",
         optimizer=optax.adam(1e-3),
         metrics=["accuracy"],
+        precision=precision,
         seed=0,
     )
-    model.fit(x_train, y_train, epochs=15, batch_size=64, validation_split=0.1)
+    model.fit(x_train, y_train, epochs=15, batch_size=64, validation_split=0.1, verbose=verbose)
     results = model.evaluate(x_test, y_test, verbose=0)
     print(f"test loss {results['loss']:.4f} - test accuracy {results['accuracy']:.4f}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description="Train a small CNN on the 8x8 digits.")
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "mixed_bfloat16", "mixed_float16"],
+        help="hkfit.Model(precision=...): float32, or a mixed policy (needs jmp)",
+    )
+    main(parser.parse_args().precision)

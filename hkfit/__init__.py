@@ -17,8 +17,12 @@ from hkfit import (
     step,
 )
 from hkfit._auxiliary import add_loss
+from hkfit._compilation_cache import enable_compilation_cache
+from hkfit._ema import EMA
+from hkfit._export import load_exported
 from hkfit._forward import with_is_training
 from hkfit._layout import DataParallel
+from hkfit._lr_finder import LearningRateSweep, find_learning_rate
 from hkfit.callbacks import Callback, History
 from hkfit.model import Model
 from hkfit.multiview import ModelView, multiview
@@ -29,9 +33,14 @@ __version__ = "0.2.0"
 __all__ = [
     "Batch",
     "add_loss",
+    "enable_compilation_cache",
     "Callback",
     "DataParallel",
+    "EMA",
+    "find_learning_rate",
     "History",
+    "LearningRateSweep",
+    "load_exported",
     "Model",
     "ModelView",
     "TrainState",

@@ -24,6 +24,11 @@ over the outputs, so they are refused.
 Dropout keys: micro-batch ``i`` of optimizer step ``s`` draws from
 ``fold_in(fold_in(rng, s), i)``.
 
+Loss scaling (float16 compute, see ``hkfit._precision``): every micro-gradient is taken of
+the objective times the step's loss scale and unscaled; if any micro-gradient is not
+finite, the whole optimizer step is skipped (params, Haiku state and optimizer state stay
+as before it) and the scale is adjusted once, as for a step without accumulation.
+
 The MultiSteps state lives only inside a step: every step completes an accumulation, so
 between steps it would hold zeros and counters. The train state keeps the wrapped
 optimizer's own state, so checkpoints, ``model.learning_rate`` and the learning-rate
@@ -53,6 +58,7 @@ class _Carry(NamedTuple):
     multi_state: optax.MultiStepsState
     logs: tuple
     objective: jax.Array  # the macro-batch objective of the micro-batches seen so far
+    finite: jax.Array  # whether every micro-gradient so far was finite (loss scaling)
 
 
 def _weight(batch: Batch) -> jax.Array:
@@ -88,8 +94,9 @@ class _Accumulator:
         regularizer: Callable[[PyTree], jax.Array] | None,
         shard_batch: Callable | None,
         unroll: bool = False,
+        loss_scaling: Any = None,
     ):
-        self.steps, self.unroll = steps, unroll
+        self.steps, self.unroll, self.loss_scaling = steps, unroll, loss_scaling
         self.multi = optax.MultiSteps(optimizer, every_k_schedule=steps)
         self.gradient = step_lib.make_batch_gradient(
             apply_train, loss_fn, metrics, regularizer=regularizer
@@ -98,7 +105,8 @@ class _Accumulator:
 
     def start(self, ts: TrainState, logs: tuple) -> _Carry:
         multi_state = self.multi.init(ts.params)._replace(inner_opt_state=ts.opt_state)
-        return _Carry(ts.params, ts.state, multi_state, logs, jnp.zeros((), jnp.float32))
+        zero, finite = jnp.zeros((), jnp.float32), jnp.ones((), jnp.bool_)
+        return _Carry(ts.params, ts.state, multi_state, logs, zero, finite)
 
     def _feed(self, carry: _Carry, grads: PyTree) -> _Carry:
         # `value=` reaches transforms that need the loss (optax.contrib.reduce_on_plateau);
@@ -116,9 +124,13 @@ class _Accumulator:
         """Adds micro-batch ``index`` (a share of ``total`` weight) to the step."""
         batch = self.shard(batch)
         share = _weight(batch) / total
+        scaling = self.loss_scaling  # the scale stays put until the step ends
+        scale = None if scaling is None else scaling.current(carry.multi_state.inner_opt_state)
         loss, grads, state, logs = self.gradient(
-            carry.params, carry.state, jax.random.fold_in(key, index), carry.logs, batch
+            carry.params, carry.state, jax.random.fold_in(key, index), carry.logs, batch, scale
         )
+        if scaling is not None:
+            carry = carry._replace(finite=carry.finite & scaling.finite(grads))
         scale = share * self.steps  # MultiSteps averages: N * share_i sums to the objective's
         grads = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads)
         carry = carry._replace(state=state, logs=logs, objective=carry.objective + share * loss)
@@ -148,6 +160,8 @@ class _Accumulator:
             )
         opt_state = carry.multi_state.inner_opt_state
         new = TrainState(carry.params, carry.state, opt_state, ts.rng, ts.step + 1)
+        if self.loss_scaling is not None:  # a non-finite micro-gradient skips the step
+            new = self.loss_scaling.select(ts, new, carry.finite)
         return new, carry.logs
 
 
@@ -166,6 +180,7 @@ def make_accumulating_step(
     regularizer: Callable[[PyTree], jax.Array] | None = None,
     shard_batch: Callable | None = None,
     unroll: bool = False,
+    loss_scaling: Any = None,
 ) -> Callable:
     """Builds ``train_step(ts, logs, macro_batch) -> (ts, logs)``: one optimizer step.
 
@@ -184,12 +199,23 @@ def make_accumulating_step(
       shard_batch: lays out each micro-batch (a distribution's ``shard_batch``).
       unroll: unroll the loop over micro-batches (XLA on CPU runs convolutions inside
         loop bodies far slower than at top level; see ``hkfit._pacing``).
+      loss_scaling: dynamic loss scaling for float16 compute (``hkfit._precision``):
+        every micro-gradient is taken of the scaled objective; if any is not finite,
+        the whole step is skipped and the scale adjusted once.
 
     Returns:
       A pure function; ``ts.step`` advances by one per macro-batch.
     """
     acc = _Accumulator(
-        apply_train, loss_fn, optimizer, metrics, steps, regularizer, shard_batch, unroll
+        apply_train,
+        loss_fn,
+        optimizer,
+        metrics,
+        steps,
+        regularizer,
+        shard_batch,
+        unroll,
+        loss_scaling=loss_scaling,
     )
 
     def train_step(ts: TrainState, logs: tuple, batch: Batch):
@@ -225,14 +251,25 @@ def make_grouped_step(
     *,
     steps: int,
     regularizer: Callable[[PyTree], jax.Array] | None = None,
+    loss_scaling: Any = None,
 ) -> Callable:
     """Builds ``train_step(ts, logs, batches) -> (ts, logs)`` over up to ``steps`` batches.
 
     ``batches`` is a tuple of :class:`Batch` es (an iterable's consecutive batches, each
     one micro-batch, of any sizes). Consecutive batches of the same shapes are stacked
     and scanned, so a group of equal batches compiles one forward and backward pass.
+    ``loss_scaling``: as in :func:`make_accumulating_step`.
     """
-    acc = _Accumulator(apply_train, loss_fn, optimizer, metrics, steps, regularizer, None)
+    acc = _Accumulator(
+        apply_train,
+        loss_fn,
+        optimizer,
+        metrics,
+        steps,
+        regularizer,
+        None,
+        loss_scaling=loss_scaling,
+    )
 
     def train_step(ts: TrainState, logs: tuple, batches: tuple):
         if not 1 <= len(batches) <= steps:

@@ -7,7 +7,9 @@
 * the CPU collectives option (gloo) is set through ``jax.config`` where it exists;
 * ``compiler_options=`` of ``Lowered.compile`` is missing in some older versions;
 * partitionable threefry (random bits that do not depend on the batch shape) is the
-  default from JAX 0.5 and off in 0.4.x.
+  default from JAX 0.5 and off in 0.4.x;
+* the persistent compilation cache runs programs it loads on CPU correctly from JAX 0.5
+  (0.4.30 hangs in them, 0.4.35 crashes).
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ def set_cpu_collectives(implementation: str) -> None:
             jax.config.update("jax_cpu_collectives_implementation", implementation)
         except (AttributeError, KeyError, ValueError):  # a JAX without the option
             pass
+
+
+def cpu_cache_works() -> bool:
+    """Whether programs loaded from the persistent compilation cache run on this backend."""
+    if jax.default_backend() != "cpu":
+        return True
+    major, minor = (int(part) for part in jax.__version__.split(".")[:2])
+    return (major, minor) >= (0, 5)
 
 
 def threefry_partitionable() -> bool:

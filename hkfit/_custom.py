@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from hkfit import _eager as eager
 from hkfit import metrics as metrics_lib
 
 PyTree = Any
@@ -97,7 +98,7 @@ def log_names(fn: Callable, ts: Any, batch: Any) -> list[str]:
     Raises:
       TypeError: if it does not return ``(train_state, dict of values)``.
     """
-    out = jax.eval_shape(fn, ts, batch)
+    out = eager.shape_of(fn, ts, batch)
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
         raise TypeError(
             "Expected `train_step` to return (train_state, logs), logs a dict of scalars. "

@@ -177,7 +177,19 @@ class FitPlan(NamedTuple):
 
 
 def fit(plan: FitPlan) -> dict:
-    """The epoch loop of ``Model.fit``: every epoch and train hook fires here."""
+    """The epoch loop of ``Model.fit``: every epoch and train hook fires here.
+
+    If anything raises, the callbacks get ``on_exception`` (not ``on_train_end``) and
+    the exception propagates.
+    """
+    try:
+        return _fit(plan)
+    except BaseException as exception:
+        plan.callbacks.on_exception(exception)
+        raise
+
+
+def _fit(plan: FitPlan) -> dict:
     cbs = plan.callbacks
     cbs.on_train_begin({})
     epoch_logs: dict = {}

@@ -236,6 +236,8 @@ def _ends_in_probabilities(jaxpr: Any, var: Any, depth: int = 0) -> bool:
     name = eqn.primitive.name
     if name == "logistic" or eqn.params.get("name") in ("softmax", "sigmoid"):
         return True
+    if name == "convert_element_type":  # a mixed precision policy's cast of the output
+        return _ends_in_probabilities(jaxpr, eqn.invars[0], depth + 1)
     if name == "div":  # softmax inlined: exp(x - max) / sum(...)
         numerator = _producer(jaxpr, eqn.invars[0])
         return numerator is not None and numerator.primitive.name == "exp"
@@ -256,6 +258,8 @@ def emits_probabilities(closed_jaxpr: Any, leaf: int | None = None) -> bool:
     ``leaf`` picks one output array among several (a multi-output model); by default the
     forward must have a single output array.
     """
+    if closed_jaxpr is None:  # not traced (eager runs)
+        return False
     jaxpr = getattr(closed_jaxpr, "jaxpr", closed_jaxpr)
     if leaf is None:
         if len(jaxpr.outvars) != 1:

@@ -20,6 +20,7 @@ import numpy as np
 
 from hkfit import _accumulate as accumulate
 from hkfit import _custom as custom_lib
+from hkfit import _eager as eager
 from hkfit import _pacing
 from hkfit import step as step_lib
 from hkfit._forward import Forward
@@ -42,6 +43,7 @@ class Program:
         trains instead of ``loss_fn`` (see ``hkfit._custom``).
       train_metrics: the logs of training when they differ from ``metrics`` (a custom
         step's); ``empty_logs`` / ``read_logs`` take ``train=True`` for them.
+      loss_scaling: dynamic loss scaling of float16 compute (see ``hkfit._precision``).
     """
 
     def __init__(
@@ -56,8 +58,10 @@ class Program:
         regularizer: Callable[[Any], Any] | None = None,
         custom_step: Callable | None = None,
         train_metrics: Sequence[Any] | None = None,
+        loss_scaling: Any = None,
     ):
         self.forward, self.loss_fn, self.optimizer = forward, loss_fn, optimizer
+        self.loss_scaling = loss_scaling
         self.metrics = None if metrics is None else list(metrics)
         self.custom_step = custom_step
         self.train_metrics = None if train_metrics is None else list(train_metrics)
@@ -125,6 +129,7 @@ class Program:
             self.optimizer,
             self._metric_list(),
             regularizer=self.regularizer,
+            loss_scaling=self.loss_scaling,
         )
 
     def train_step(self, ts: TrainState) -> Callable:
@@ -146,6 +151,7 @@ class Program:
                 self._metric_list(),
                 steps=steps,
                 regularizer=self.regularizer,
+                loss_scaling=self.loss_scaling,
             )
             return self._jit_train(step, ts)
 
@@ -177,6 +183,7 @@ class Program:
                     regularizer=self.regularizer,
                     shard_batch=options.pop("shard_batch", None),  # each micro-batch's
                     unroll=self._loops_help is False,  # e.g. convolutions on CPU
+                    loss_scaling=self.loss_scaling,
                 )
             run = step_lib.make_fused_train(step, fuse=fuse, **options)
             return self._jit_train(run, ts)
@@ -262,7 +269,7 @@ class Program:
 
     def output_spec(self, params, state, x) -> Any:
         """Shapes and dtypes of the forward's output for the batch ``x`` (no compute)."""
-        return jax.eval_shape(self.apply_eval, params, state, self.inference_key, x)
+        return eager.shape_of(self.apply_eval, params, state, self.inference_key, x)
 
     # --- Pacing ---
 

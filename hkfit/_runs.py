@@ -18,6 +18,7 @@ import numpy as np
 
 from hkfit import _args
 from hkfit import _data as data_lib
+from hkfit import _eager as eager
 from hkfit import _engine as engine
 from hkfit import _feeds as feeds
 from hkfit._pacing import Pacer
@@ -64,18 +65,29 @@ def _current_program(context: Context) -> Program:
     return program
 
 
-def callback_list(callbacks: Any, model: Any, verbose: int, params: dict) -> CallbackList:
-    """The user's callbacks (checked), plus a progress bar when ``verbose``."""
+def callback_list(
+    callbacks: Any, model: Any, verbose: int, params: dict, history: Any = None
+) -> CallbackList:
+    """The user's callbacks (checked), then a progress bar when ``verbose``, then ``history``.
+
+    As in Keras, the history comes last: what a callback adds to the epoch's logs in its
+    ``on_epoch_end`` is recorded (and shown by the bar).
+    """
     if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
         raise TypeError(
             "Expected `callbacks` to be a list of hkfit.callbacks.Callback. "
             f"Received: callbacks={callbacks!r}."
         )
     bar = [ProgressBar(verbose)] if verbose else []
-    return CallbackList([*callbacks, *bar], model=model, params={**params, "verbose": verbose})
+    last = [] if history is None else [history]
+    return CallbackList(
+        [*callbacks, *bar, *last], model=model, params={**params, "verbose": verbose}
+    )
 
 
 def _pacer(context: Context, program: Program, kind: str, steps_per_execution: Any) -> Pacer:
+    if eager.active():  # one step at a time, op by op
+        return Pacer(1)
     ts = context.get_state()
     fuse_auto = program.loops_help(ts.params, ts.state, context.example())
     return program.pacer(kind, steps_per_execution, fuse_auto)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hkfit import _eager as eager
 from hkfit._loss_objects import (
     BinaryCrossentropy,
     BinaryFocalCrossentropy,
@@ -209,7 +210,7 @@ def check_output(loss: str | LossFn, y_pred, y_true) -> None:
     problem = _shape_problem(loss if isinstance(loss, str) else None, y_shape, out_shape)
     if problem is None:
         try:
-            result = jax.eval_shape(get(loss), y_true, y_pred)
+            result = eager.shape_of(get(loss), y_true, y_pred)
             if tuple(getattr(result, "shape", ()))[:1] != (rows,):
                 problem = (
                     "a loss of shape [batch] (or [batch, ...] per token); it returned "

@@ -10,8 +10,9 @@ runs no loop of its own.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import haiku as hk
@@ -23,9 +24,13 @@ from hkfit import _args, _compat
 from hkfit import _auxiliary as auxiliary
 from hkfit import _custom as custom_lib
 from hkfit import _data as data_lib
+from hkfit import _eager as eager
+from hkfit import _ema as ema_lib
 from hkfit import _engine as engine
+from hkfit import _export as export_lib
 from hkfit import _forward as forward_lib
 from hkfit import _outputs as outputs_lib
+from hkfit import _precision as precision_lib
 from hkfit import _runs as runs
 from hkfit import _saving as saving
 from hkfit import callbacks as callbacks_lib
@@ -53,10 +58,11 @@ _eval_params = jax.jit(optimizers_lib.eval_params)
 
 
 class _Slot:
-    """Holds the train state; a model view shares its parent's slot."""
+    """Holds the train state and the inference choice; a model view shares its parent's."""
 
     def __init__(self) -> None:
         self.ts: TrainState | None = None
+        self.ema_for_inference = True  # see Model.use_ema_for_inference
 
 
 def _train_state_field(name: str):
@@ -66,9 +72,25 @@ def _train_state_field(name: str):
         return getattr(model._require_built(name), name)
 
     def set_(model, value):
-        model._slot.ts = model._require_built(name)._replace(**{name: value})
+        ts = model._require_built(name)
+        # The step donates the whole train state, and a buffer cannot be donated twice:
+        # arrays shared with another field (`model.params = model.ema_params`) are copied.
+        others = {id(a) for f in ts._fields if f != name for a in jax.tree.leaves(getattr(ts, f))}
+        value = jax.tree.map(lambda a: jnp.copy(a) if id(a) in others else a, value)
+        model._slot.ts = ts._replace(**{name: value})
 
     return get, set_, None, f"The model's current ``{name}`` (see :class:`hkfit.step.TrainState`)."
+
+
+def _eager_if_asked(method: Callable) -> Callable:
+    """Runs ``method`` op by op when called with ``run_eagerly=True`` (see ``hkfit._eager``)."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with eager.running(eager.check_flag(kwargs.get("run_eagerly", False))):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class Model:
@@ -101,6 +123,20 @@ class Model:
         metric has that name.
       loss_weights: with several outputs, a dict (or list) of floats weighing each
         output's loss in the total (1.0 for those not given), as in Keras.
+      ema: ``None`` (the default), a decay in (0, 1) such as ``0.999``, or
+        ``hkfit.EMA(0.999, debias=False)``: keep an exponential moving average of the
+        params, updated inside the compiled step and held in ``opt_state`` (so ``save``
+        keeps it). Inference (``evaluate``, ``predict``, validation, ``test_on_batch``,
+        ``predict_on_batch``, ``save_weights``) then uses the average, unless
+        ``model.use_ema_for_inference = False``; read it as :attr:`ema_params`.
+      precision: ``"float32"`` (the default), ``"mixed_bfloat16"``, ``"mixed_float16"``
+        or a ``jmp.Policy`` (needs jmp: ``pip install "hkfit[mixed]"``). The mixed
+        policies keep the params (and checkpoints) in float32, run the forward in the
+        half type and return float32 outputs to the loss and ``predict``; normalization
+        layers (``hk.BatchNorm``, ``hk.LayerNorm``, ...) compute in float32. float16
+        compute trains with dynamic loss scaling, logged per epoch as ``loss_scale``;
+        a step with non-finite gradients is skipped. Needs a forward function, not a
+        Haiku transform.
       seed: an int or a JAX key; the same seed and data give bit-identical results.
       distribution: ``None`` (one device) or a distribution strategy such as
         ``hkfit.DataParallel()``.
@@ -140,9 +176,15 @@ class Model:
         loss_weights: Any = None,
         objective: Any = None,
         train_step: Any = None,
+        precision: Any = "float32",
+        ema: Any = None,
         seed: Any = 0,
         distribution: Any = None,
     ):
+        self.precision = precision
+        mixed = precision_lib.get(precision)  # None for float32: nothing changes
+        if mixed is not None:
+            forward = precision_lib.scoped(forward, mixed, precision)
         self._forward = (
             forward if isinstance(forward, forward_lib.Forward) else forward_lib.wrap(forward)
         )
@@ -197,8 +239,30 @@ class Model:
             self._metric_specs = _args.metric_specs(metrics)
             self._weighted_specs = _args.metric_specs(weighted_metrics, "weighted_metrics")
         self.optimizer = optimizers_lib.get(optimizer)
+        self._optimizer_name = optimizer if isinstance(optimizer, str) else None
+        self._loss_scaling = None if mixed is None else mixed.loss_scaling
+        if self._loss_scaling is not None:  # float16 compute: the scale lives in opt_state
+            if train_step is not None:
+                raise ValueError(
+                    f"`precision={precision_lib.name(precision)}` scales the loss inside "
+                    "hkfit's training step; a custom `train_step` computes its own "
+                    "gradients. Scale them there (jmp.DynamicLossScale), or use "
+                    "precision='mixed_bfloat16', which needs no loss scaling. Received: "
+                    f"train_step={train_step!r}."
+                )
+            self.optimizer = self._loss_scaling.wrap(self.optimizer)
+        self.ema = ema_lib.resolve(ema)
+        if self.ema is not None:
+            if train_step is not None:
+                raise ValueError(
+                    "`ema` averages the params that the model's optimizer produces; a custom "
+                    "`train_step` applies its own updates. Average them in the train step. "
+                    f"Received: ema={ema!r} with train_step={train_step!r}."
+                )
+            self.optimizer = ema_lib.wrap(self.optimizer, self.ema)
         self._regularizer = regularizers_lib.get(regularizer)
         self._key = _args.to_key(seed)
+        self._inference_key_data: Any = None  # numpy uint32, see _inference_key
         self.distribution = distribution
         self._layout = distribution or SingleDevice()
         self._slot = _Slot()
@@ -212,11 +276,26 @@ class Model:
         self.epoch = 0  # 1 + the index of the last completed epoch, as fit counts them
         self.initial_epoch = 0  # during fit: the first epoch (a callback may raise it)
         self._epochs_trained = 0  # epochs run over the model's life: the shuffle index
+        self._epoch_logs: tuple[int, dict] | None = None  # of fit's current epoch
 
     # --- State --------------------------------------------------------------------------
 
     def _stream(self, which: int) -> jax.Array:
         return jax.random.fold_in(self._key, which)
+
+    def _inference_key(self) -> jax.Array:
+        """The inference key, wrapped inside the caller's trace from its raw uint32 data.
+
+        A function that calls :meth:`apply_fn` then holds a uint32 constant rather than a
+        typed-key one, which exporters (``jax.export``, jax2onnx) can carry.
+        """
+        if self._inference_key_data is None:
+            with jax.ensure_compile_time_eval():  # concrete, even if first asked in a trace
+                data = jax.random.key_data(self._stream(_INFER))
+                self._inference_key_data = np.asarray(data)
+        return jax.random.wrap_key_data(
+            self._inference_key_data, impl=jax.random.key_impl(self._key)
+        )
 
     @property
     def built(self) -> bool:
@@ -279,25 +358,68 @@ class Model:
     def eval_params(self) -> Any:
         """The params that ``evaluate``, ``predict`` and ``save_weights`` use (read-only).
 
-        For a schedule-free optimizer (``optax.contrib.schedule_free_adamw``, ...), its
-        evaluation params, ``optax.contrib.schedule_free_eval_params(opt_state, params)``
-        (see :func:`hkfit.optimizers.eval_params`), computed by a jitted function at each
+        With ``Model(ema=...)``, the average :attr:`ema_params` (unless
+        :attr:`use_ema_for_inference` is False). Otherwise, for a schedule-free optimizer
+        (``optax.contrib.schedule_free_adamw``, ...), its evaluation params,
+        ``optax.contrib.schedule_free_eval_params(opt_state, params)`` (see
+        :func:`hkfit.optimizers.eval_params`), computed by a jitted function at each
         read; for any other optimizer, ``params`` itself (the same object).
         """
         ts = self._require_built("eval_params")
+        average = ema_lib.average(ts.opt_state) if self._slot.ema_for_inference else None
+        if average is not None:
+            return average
         if not optimizers_lib.is_schedule_free(ts.opt_state):
             return ts.params
         return _eval_params(ts.opt_state, ts.params)
+
+    @property
+    def ema_params(self) -> Any:
+        """The exponential moving average of the params kept by ``Model(ema=...)`` (read-only).
+
+        It lives in ``opt_state`` and is updated inside every training step (see
+        :class:`hkfit.EMA` for the formula); before the first step it equals the initial
+        params.
+
+        Raises:
+          ValueError: if the model was built without ``ema``.
+        """
+        average = ema_lib.average(self._require_built("ema_params").opt_state)
+        if average is None:
+            raise ValueError(
+                "`ema_params` needs a model that averages its params: pass "
+                "`Model(..., ema=0.999)`. Received: a model built with ema=None."
+            )
+        return average
+
+    @property
+    def use_ema_for_inference(self) -> bool:
+        """Whether inference uses :attr:`ema_params` (default True; settable).
+
+        With ``Model(ema=...)``, ``evaluate``, ``predict``, validation in ``fit``,
+        ``test_on_batch``, ``predict_on_batch``, model views and ``save_weights`` use the
+        average; set this to ``False`` to use the raw training params (or a schedule-free
+        optimizer's evaluation params) instead. Without ``ema`` it changes nothing.
+        """
+        return self._slot.ema_for_inference
+
+    @use_ema_for_inference.setter
+    def use_ema_for_inference(self, value: bool) -> None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(
+                f"Expected `use_ema_for_inference` to be True or False. Received: {value!r}."
+            )
+        self._slot.ema_for_inference = bool(value)
 
     def apply_fn(self, params: Any, state: Any, x: Any) -> Any:
         """Pure inference: ``apply_fn(model.params, model.state, x) -> y``.
 
         Runs the forward in inference mode (``is_training=False``), with a fixed key
         derived from the seed for any layer that draws one. It composes with ``jax.jit``,
-        ``jax.vmap``, ``jax.grad``, ``jax.jacrev`` and ``jax.jacfwd``. With a schedule-free
-        optimizer, pass ``model.eval_params`` to get what ``predict`` computes.
+        ``jax.vmap``, ``jax.grad``, ``jax.jacrev`` and ``jax.jacfwd``. With ``ema`` or a
+        schedule-free optimizer, pass ``model.eval_params`` to get what ``predict`` computes.
         """
-        return self._forward.apply_eval(params, state, self._stream(_INFER), x)
+        return self._forward.apply_eval(params, state, self._inference_key(), x)
 
     def vmap(self, in_axes: Any, out_axes: Any = -1) -> multiview_lib.ModelView:
         """A view of this model whose predict/evaluate vmap ``apply_fn`` inside each batch.
@@ -337,9 +459,12 @@ class Model:
             )
         if self._slot.ts is None:
             sample = data_lib.take_rows(x, 0, min(8, data_lib.num_rows(x, "x")))
-            params, state = _compat.run_compiled_once(
-                self._forward.init, self._stream(_INIT), sample
-            )
+            if eager.active():  # op by op: the forward may read values
+                params, state = self._forward.init(self._stream(_INIT), sample)
+            else:
+                params, state = _compat.run_compiled_once(
+                    self._forward.init, self._stream(_INIT), sample
+                )
             opt_state = self.optimizer.init(params)
             self._slot.ts = self._layout.place_state(
                 TrainState(params, state, opt_state, self._stream(_TRAIN), jnp.zeros((), jnp.int32))
@@ -354,9 +479,12 @@ class Model:
             sample_x = data_lib.take_rows(x, 0, 2)
             sample_y = None if y is None else data_lib.take_rows(y, 0, 2)
             if self._forward_takes(x, train):
-                jaxpr, out = jax.make_jaxpr(self.apply_fn, return_shape=True)(
-                    self.params, self.state, sample_x
-                )
+                if eager.active():  # no abstract trace: the forward may read values
+                    jaxpr, out = None, self.apply_fn(self.params, self.state, sample_x)
+                else:
+                    jaxpr, out = jax.make_jaxpr(self.apply_fn, return_shape=True)(
+                        self.params, self.state, sample_x
+                    )
                 if y is not None:
                     self._check_outputs(jaxpr, out, sample_y)
                     if self._metrics is None:
@@ -383,6 +511,7 @@ class Model:
                 regularizer=self._regularizer,
                 custom_step=self.train_step_fn,
                 train_metrics=self._train_metrics,
+                loss_scaling=self._loss_scaling,
             )
         return self._program
 
@@ -452,7 +581,7 @@ class Model:
             (self._forward.apply_eval, (self.params, self.state, key, sample_x)),
         ):
             try:
-                _, added = jax.eval_shape(lambda *a, f=apply: auxiliary.collect(f, *a), *args)
+                _, added = eager.shape_of(lambda *a, f=apply: auxiliary.collect(f, *a), *args)
             except TypeError:  # a model view does not train
                 continue
             names += [name for name in added if name not in names]
@@ -501,6 +630,7 @@ class Model:
 
     # --- fit / evaluate / predict --------------------------------------------------------
 
+    @_eager_if_asked
     def fit(
         self,
         x: Any,
@@ -522,6 +652,7 @@ class Model:
         steps_per_execution: Any = "auto",
         check_inputs: bool = True,
         gradient_accumulation_steps: int = 1,
+        run_eagerly: bool = False,
     ) -> callbacks_lib.History:
         """Trains for the epochs numbered ``initial_epoch, ..., epochs - 1``.
 
@@ -555,6 +686,10 @@ class Model:
             call, for training and validation. Batch callbacks fire once per call; under
             ``"auto"`` a callback that overrides a batch hook gets every batch.
           check_inputs: refuse NaN/Inf in array ``x``/``y`` (one cheap host pass).
+          run_eagerly: run every step op by op, without jit, so that ``print``,
+            ``pdb.set_trace()`` and ``float(x)`` work inside the forward and the loss
+            (slow; for debugging). Results equal the compiled ones within float
+            tolerance.
           gradient_accumulation_steps: N >= 1 micro-batches per optimizer step, their
             gradients accumulated with ``optax.MultiSteps``. ``batch_size`` stays what one
             forward pass sees; a step trains on N * ``batch_size`` rows, and equals a step
@@ -606,14 +741,22 @@ class Model:
         )
         history = callbacks_lib.History()
         cbs = runs.callback_list(
-            [history, *(callbacks or [])],
+            callbacks or [],
             self,
             args.verbose,
-            {"epochs": args.epochs, "steps": train.steps},
+            {
+                "epochs": args.epochs,
+                "steps": train.steps,
+                "batch_size": None if _args.is_iterable_input(x, y) else args.batch_size,
+                "optimizer": self._optimizer_name,
+            },
+            history=history,
         )
         self.history, self.stop_training, self.initial_epoch = history, False, args.initial_epoch
+        self._epoch_logs = None
 
         def end_epoch(epoch: int, logs: dict) -> None:
+            self._epoch_logs = (epoch, logs)  # saved with the history until History records it
             self.epoch = epoch + 1
             self._epochs_trained += 1
             rates = optimizers_lib.learning_rates(self._require_built("fit").opt_state)
@@ -621,6 +764,8 @@ class Model:
                 logs["learning_rate"] = rates[min(rates)]
                 if len(rates) > 1:
                     logs.update({f"learning_rate_{group}": rate for group, rate in rates.items()})
+            if self._loss_scaling is not None:  # float16 compute
+                logs["loss_scale"] = precision_lib.loss_scale(self.opt_state)
 
         plan = engine.FitPlan(
             cbs,
@@ -637,6 +782,7 @@ class Model:
         engine.fit(plan)
         return history
 
+    @_eager_if_asked
     def evaluate(
         self,
         x: Any,
@@ -649,11 +795,13 @@ class Model:
         callbacks: Sequence[callbacks_lib.Callback] | None = None,
         steps_per_execution: Any = "auto",
         check_inputs: bool = True,
+        run_eagerly: bool = False,
     ) -> dict[str, float]:
         """Loss and metrics over every row of ``x`` (weighted by ``sample_weight``).
 
         Exact: the last partial batch is padded with zero-weight rows, never dropped.
-        Runs with :attr:`eval_params` (a schedule-free optimizer's evaluation params).
+        Runs with :attr:`eval_params` (the EMA of ``Model(ema=...)``, or a schedule-free
+        optimizer's evaluation params).
 
         Args:
           x: inputs (array or pytree of arrays), or an iterable of ``(x, y[, w])`` batches.
@@ -666,6 +814,7 @@ class Model:
           callbacks: callbacks whose ``on_test_*`` hooks are called.
           steps_per_execution: ``"auto"`` or batches per compiled call (see ``fit``).
           check_inputs: refuse NaN/Inf in array inputs.
+          run_eagerly: run op by op, without jit (see :meth:`fit`).
 
         Returns:
           ``{"loss": ..., "<metric>": ...}`` as Python floats.
@@ -693,6 +842,7 @@ class Model:
             )
         return logs
 
+    @_eager_if_asked
     def predict(
         self,
         x: Any,
@@ -702,12 +852,14 @@ class Model:
         steps: int | None = None,
         callbacks: Sequence[callbacks_lib.Callback] | None = None,
         steps_per_execution: Any = "auto",
+        run_eagerly: bool = False,
     ) -> Any:
         """Model outputs in inference mode, exactly one row per input row.
 
         For a deterministic forward, equal to ``model.apply_fn(model.eval_params,
         model.state, x)`` on the whole input (see the class docs for randomness);
-        ``eval_params`` is ``params`` unless the optimizer is schedule-free.
+        ``eval_params`` is ``params`` unless ``ema`` is set or the optimizer is
+        schedule-free.
 
         Args:
           x: an array, a pytree of arrays, or an iterable of input batches. An iterable's
@@ -719,6 +871,7 @@ class Model:
           callbacks: callbacks whose ``on_predict_*`` hooks are called;
             ``on_predict_batch_end`` gets ``{"outputs": ...}`` of that execution.
           steps_per_execution: ``"auto"`` or batches per compiled call (see ``fit``).
+          run_eagerly: run op by op, without jit (see :meth:`fit`).
 
         Returns:
           A numpy array (or a pytree of them, as the forward returns).
@@ -752,9 +905,10 @@ class Model:
     # --- save / load --------------------------------------------------------------------
 
     def _save(self, path: str, weights_only: bool) -> None:
-        progress = saving.Progress(
-            self.epoch, self._epochs_trained, self.history.epoch, self.history.history
-        )
+        # History runs after the other callbacks: a save from one of them includes the
+        # epoch that is ending
+        epochs, values = self.history.including(*(self._epoch_logs or (None, None)))
+        progress = saving.Progress(self.epoch, self._epochs_trained, epochs, values)
         ts = self._require_built("save_weights" if weights_only else "save")
         if weights_only:  # for inference: a schedule-free optimizer's evaluation params
             ts = ts._replace(params=self.eval_params)
@@ -784,6 +938,11 @@ class Model:
         if ts.opt_state is live.opt_state and optimizers_lib.is_schedule_free(ts.opt_state):
             # Its evaluation params depend on its state too: start it at the loaded params.
             ts = self._layout.place_state(ts._replace(opt_state=self.optimizer.init(ts.params)))
+        elif ts.opt_state is live.opt_state and ema_lib.average(ts.opt_state) is not None:
+            # The average restarts at the loaded params, which inference then uses.
+            ts = self._layout.place_state(
+                ts._replace(opt_state=ema_lib.restart(ts.opt_state, ts.params))
+            )
         self._slot.ts = ts
         if progress is not None:
             self.epoch, self._epochs_trained = progress.epoch, progress.epochs_trained
@@ -814,9 +973,9 @@ class Model:
     def save_weights(self, path: str) -> None:
         """Writes params and state only (atomically, arrays and JSON, never pickle).
 
-        The params written are :attr:`eval_params`, the ones ``predict`` uses: for a
-        schedule-free optimizer its evaluation params (``save`` keeps the training params
-        and the optimizer state, to resume exactly).
+        The params written are :attr:`eval_params`, the ones ``predict`` uses: with
+        ``Model(ema=...)`` the average, for a schedule-free optimizer its evaluation params
+        (``save`` keeps the training params and the optimizer state, to resume exactly).
         """
         self._save(path, weights_only=True)
 
@@ -825,10 +984,59 @@ class Model:
 
         The optimizer state is kept, except a schedule-free optimizer's, whose evaluation
         params depend on it: it starts afresh at the loaded params (so ``predict`` runs
-        with them).
+        with them). With ``Model(ema=...)`` the average restarts at the loaded params. From
+        a full checkpoint the training params are read, not the average.
         """
         self._load(path, weights_only=True)
         return self
+
+    def export(
+        self,
+        path: str,
+        *,
+        format: str = "stablehlo",
+        batch_polymorphic: bool = True,
+        batch_size: int | None = None,
+        platforms: Sequence[str] | None = None,
+    ) -> None:
+        """Writes the inference function to one self-contained file (atomically).
+
+        The function is ``x -> apply_fn(eval_params, state, x)`` (what ``predict``
+        computes for a deterministic forward), with the params and state baked in as
+        constants. ``format="stablehlo"`` serializes it with ``jax.export``; read it back
+        with :func:`hkfit.load_exported`, which needs JAX but not the model's code.
+        ``format="onnx"`` converts it with jax2onnx (``pip install "hkfit[onnx]"``) for
+        onnxruntime: inputs ``x`` (or named after the input dict's keys), outputs ``y``.
+
+        Args:
+          path: the file to write, replaced atomically.
+          format: ``"stablehlo"`` (default; needs ``pip install "hkfit[export]"``) or
+            ``"onnx"``.
+          batch_polymorphic: a symbolic batch dimension, so the file runs on any batch
+            size (default); ``False`` fixes it to ``batch_size``.
+          batch_size: the fixed batch size of a ``batch_polymorphic=False`` export
+            (default 1).
+          platforms: the platforms to lower a StableHLO export for, e.g.
+            ``("cpu", "cuda")``; default: the platform JAX runs on now.
+
+        Raises:
+          ValueError: before the model has parameters, on invalid arguments, or if the
+            forward cannot be traced with a symbolic batch size (export with
+            ``batch_polymorphic=False``) or converted to ONNX.
+          ImportError: when the extra the format needs is not installed.
+        """
+        self._require_built("export")
+        export_lib.export(
+            path,
+            self.apply_fn,
+            self.eval_params,
+            self.state,
+            self._input_spec,
+            format=format,
+            batch_polymorphic=batch_polymorphic,
+            batch_size=batch_size,
+            platforms=platforms,
+        )
 
     def summary(self, print_fn: Any = print) -> str:
         """A table of modules, shapes and parameter counts (``hk.experimental.tabulate``).

@@ -27,6 +27,7 @@ import numpy as np
 
 from hkfit import _auxiliary as auxiliary
 from hkfit import _data as data_lib
+from hkfit import _eager as eager
 from hkfit import _forward as forward_lib
 
 PyTree = Any
@@ -255,7 +256,7 @@ def vmapped_forward(
         axes = _leaf_axes(in_axes, x, "in_axes", "input")
         _views_size(axes, x, "in_axes")
         mapped = jax.vmap(forward.apply_eval, in_axes=(None, None, None, axes))
-        views_first = jax.eval_shape(mapped, params, state, rng, x)
+        views_first = eager.shape_of(mapped, params, state, rng, x)
         out = _leaf_axes(out_axes, views_first, "out_axes", "output")
         return jax.vmap(forward.apply_eval, in_axes=(None, None, None, axes), out_axes=out)(
             params, state, rng, x

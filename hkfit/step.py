@@ -283,21 +283,34 @@ def make_batch_gradient(
         added too (see :func:`objective_terms`).
 
     Returns:
-      A pure ``gradient(params, state, key, logs, batch) -> (objective, grads, new_state,
-      logs)``: the batch objective, its gradient with respect to ``params``, the forward's
-      new Haiku state, and the metric states with the batch added.
+      A pure ``gradient(params, state, key, logs, batch, loss_scale=None) -> (objective,
+      grads, new_state, logs)``: the batch objective, its gradient with respect to
+      ``params``, the forward's new Haiku state, and the metric states with the batch
+      added. With a ``loss_scale`` (a ``jmp`` loss scale, for float16 compute) the
+      gradient is taken of the scaled objective and unscaled, so small gradients do not
+      flush to zero in the half type; the objective returned is unscaled.
     """
 
-    def gradient(params: PyTree, state: PyTree, key: jax.Array, logs: tuple, batch: Batch):
+    def gradient(
+        params: PyTree,
+        state: PyTree,
+        key: jax.Array,
+        logs: tuple,
+        batch: Batch,
+        loss_scale: Any = None,
+    ):
         def objective(params):
             y_pred, new_state, total, per_example, aux = forward_terms(
                 apply_train, loss_fn, regularizer, params, state, key, batch
             )
-            return total, (y_pred, new_state, per_example, aux)
+            scaled = total if loss_scale is None else loss_scale.scale(total)
+            return scaled, (total, y_pred, new_state, per_example, aux)
 
-        (loss, (y_pred, new_state, per_example, aux)), grads = jax.value_and_grad(
+        (_, (loss, y_pred, new_state, per_example, aux)), grads = jax.value_and_grad(
             objective, has_aux=True
         )(params)
+        if loss_scale is not None:
+            grads = loss_scale.unscale(grads)
         logs = update_logs(
             logs,
             metrics,
@@ -318,6 +331,7 @@ def make_train_step(
     metrics: Sequence[Any] = (),
     *,
     regularizer: Callable[[PyTree], jax.Array] | None = None,
+    loss_scaling: Any = None,
 ) -> Callable:
     """Builds ``train_step(ts, logs, batch) -> (ts, logs)`` for one batch.
 
@@ -329,6 +343,9 @@ def make_train_step(
       metrics: metric objects (see :mod:`hkfit.metrics`), updated with the train-mode output.
       regularizer: ``params -> scalar`` added to the objective (see
         :func:`make_batch_gradient`).
+      loss_scaling: dynamic loss scaling for float16 compute (``hkfit._precision``): the
+        loss scale is read from ``ts.opt_state``, and a step whose gradients are not all
+        finite keeps the old params, state and optimizer state (the scale adjusted).
 
     Returns:
       A pure function; dropout keys are ``fold_in(ts.rng, ts.step)``.
@@ -339,11 +356,15 @@ def make_train_step(
 
     def train_step(ts: TrainState, logs: tuple, batch: Batch):
         key = jax.random.fold_in(ts.rng, ts.step)
-        loss, grads, new_state, logs = gradient(ts.params, ts.state, key, logs, batch)
+        scale = None if loss_scaling is None else loss_scaling.current(ts.opt_state)
+        loss, grads, new_state, logs = gradient(ts.params, ts.state, key, logs, batch, scale)
         # `value=` reaches transforms that need the loss (optax.contrib.reduce_on_plateau)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params, value=loss)
         params = optax.apply_updates(ts.params, updates)
-        return TrainState(params, new_state, opt_state, ts.rng, ts.step + 1), logs
+        new = TrainState(params, new_state, opt_state, ts.rng, ts.step + 1)
+        if loss_scaling is not None:
+            new = loss_scaling.select(ts, new, loss_scaling.finite(grads))
+        return new, logs
 
     return train_step
 

@@ -480,3 +480,23 @@ def test_reduce_lr_on_plateau_in_history(model):
     assert history.history["learning_rate"] == [0.5, 0.5, 0.5, 0.25]
     with pytest.raises(ValueError, match="factor"):
         C.ReduceLROnPlateau(factor=1.5)
+
+
+def test_history_records_what_callbacks_add_to_epoch_logs(model):
+    """As in Keras, History runs after the user's callbacks."""
+
+    class AddsAScore(hkfit.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["score"] = 10.0 + epoch
+
+    history = fit(model, [AddsAScore()], epochs=2)
+    assert history.history["score"] == [10.0, 11.0]
+
+
+def test_memory_usage_logs_peak_memory(model):
+    history = fit(model, [hkfit.callbacks.MemoryUsage()], epochs=2)
+    rss = history.history["rss_peak_mb"]
+    assert len(rss) == 2 and all(10 < value < 100_000 for value in rss)  # a Python process
+    # the CPU backend reports no device statistics; other backends add device_peak_mb
+    reported = hkfit.callbacks.memory.device_peak_bytes() is not None
+    assert ("device_peak_mb" in history.history) == reported

@@ -6,9 +6,12 @@
   (``hkfit.callbacks.base``, which documents what hooks receive and when they fire);
 * the display: :class:`ProgressBar` (tqdm);
 * watching and steering: :class:`EarlyStopping`, :class:`TerminateOnNaN`,
-  :class:`LambdaCallback`, :class:`LearningRateScheduler`, :class:`ReduceLROnPlateau`;
+  :class:`LambdaCallback`, :class:`LearningRateScheduler`, :class:`ReduceLROnPlateau`,
+  :class:`MemoryUsage`;
 * files: :class:`ModelCheckpoint`, :class:`BackupAndRestore`, :class:`CSVLogger`,
-  :class:`TensorBoard`.
+  :class:`TensorBoard`;
+* profiling and experiment trackers: :class:`Profile`, :class:`WandbLogger`,
+  :class:`MLflowLogger` (each imports its optional library only when created).
 
 >>> import hkfit
 >>> class Printer(hkfit.callbacks.Callback):
@@ -19,7 +22,9 @@ False
 """
 
 from hkfit.callbacks.base import Callback, CallbackList, History
-from hkfit.callbacks.io import BackupAndRestore, CSVLogger, ModelCheckpoint, TensorBoard
+from hkfit.callbacks.io import BackupAndRestore, CSVLogger, ModelCheckpoint
+from hkfit.callbacks.loggers import TensorBoard
+from hkfit.callbacks.memory import MemoryUsage
 from hkfit.callbacks.monitor import (
     EarlyStopping,
     LambdaCallback,
@@ -27,7 +32,9 @@ from hkfit.callbacks.monitor import (
     ReduceLROnPlateau,
     TerminateOnNaN,
 )
+from hkfit.callbacks.profile import Profile
 from hkfit.callbacks.progress import ProgressBar, resolve_verbose
+from hkfit.callbacks.trackers import MLflowLogger, WandbLogger
 
 __all__ = [
     "BackupAndRestore",
@@ -38,10 +45,14 @@ __all__ = [
     "History",
     "LambdaCallback",
     "LearningRateScheduler",
+    "MLflowLogger",
+    "MemoryUsage",
     "ModelCheckpoint",
+    "Profile",
     "ProgressBar",
     "ReduceLROnPlateau",
     "TensorBoard",
     "TerminateOnNaN",
+    "WandbLogger",
     "resolve_verbose",
 ]

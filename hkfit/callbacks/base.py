@@ -22,12 +22,20 @@ explicit integer ``steps_per_execution`` is kept as given.
 
 Validation inside ``fit`` fires ``on_test_begin``, ``on_test_batch_*`` and
 ``on_test_end`` on every callback, every time it runs, as Keras does.
+
+One hook is hkfit's own: when ``fit`` raises (``KeyboardInterrupt`` included), every
+callback gets ``on_exception(exception)`` instead of ``on_train_end``, then the exception
+propagates. Keras has no such hook (its callbacks get nothing); it is where a callback
+releases what it holds (a profiler trace, an experiment-tracker run).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from hkfit import _plotting
 
 _HOOKS = (
     "on_train_begin",
@@ -84,6 +92,8 @@ class Callback:
     def on_predict_end(self, logs=None): ...
     def on_predict_batch_begin(self, batch, logs=None): ...
     def on_predict_batch_end(self, batch, logs=None): ...
+    def on_exception(self, exception: BaseException) -> None:
+        """Called instead of ``on_train_end`` when ``fit`` raises ``exception``."""
 
     def _overrides(self, hook: str) -> bool:
         return getattr(type(self), hook) is not getattr(Callback, hook)
@@ -127,6 +137,18 @@ class CallbackList(Callback):
     def wants_batch_logs(self, hook: str | None = None) -> bool:
         return any(cb.wants_batch_logs(hook) for cb in self.callbacks)
 
+    def on_exception(self, exception: BaseException) -> None:
+        """Calls every callback's ``on_exception``; one that raises is reported (a
+        warning) and the others still run, so ``exception`` is the one that propagates."""
+        for cb in self.callbacks:
+            try:
+                cb.on_exception(exception)
+            except Exception as e:
+                warnings.warn(
+                    f"{type(cb).__name__}.on_exception raised {type(e).__name__}: {e}",
+                    stacklevel=2,
+                )
+
     def __getattribute__(self, name):
         if name in _HOOKS:
             callbacks = object.__getattribute__(self, "callbacks")
@@ -146,11 +168,51 @@ class History(Callback):
         super().__init__()
         self.epoch: list[int] = []
         self.history: dict[str, list[float]] = {}
+        self._key_epochs: dict[str, list[int]] = {}  # a key missing from some epochs' logs
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch.append(int(epoch))
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
+            self._key_epochs.setdefault(key, []).append(int(epoch))
+
+    def including(self, epoch: int | None, logs: dict | None) -> tuple[list, dict]:
+        """Copies of ``(epoch, history)`` with epoch ``epoch``'s ``logs`` recorded too.
+
+        Nothing is added when ``epoch`` is None or already the last one recorded (History
+        runs after the other callbacks, so an epoch's logs reach it last).
+        """
+        epochs, history = list(self.epoch), {k: list(v) for k, v in self.history.items()}
+        if epoch is None or (epochs and epochs[-1] == epoch):
+            return epochs, history
+        epochs.append(int(epoch))
+        for key, value in (logs or {}).items():
+            history.setdefault(key, []).append(float(value))
+        return epochs, history
+
+    def plot(self, metrics: Sequence[str] | str | None = None, ax: Any = None) -> Any:
+        """Draws the training and validation curves of each metric against ``epoch``.
+
+        Needs matplotlib (``pip install "hkfit[plot]"``), imported only here. Each metric
+        is drawn with its ``val_`` twin (``loss`` with ``val_loss``); a key logged on some
+        epochs only (``val_loss`` with ``validation_freq=2``) is drawn at those epochs.
+
+        Args:
+          metrics: the metric names to draw (``"loss"``, ``"accuracy"``, ...; the
+            ``val_`` curves come with them), or ``None`` for every key of ``history``.
+          ax: a matplotlib ``Axes`` to draw every selected metric on. ``None`` (the
+            default) makes a new figure with one subplot per metric (three per row).
+
+        Returns:
+          The matplotlib ``Figure`` drawn on (``ax.figure`` when ``ax`` is given): save it
+          with ``figure.savefig(path)``, or show it with ``matplotlib.pyplot.show()``.
+
+        Raises:
+          ValueError: if nothing is recorded yet, or ``metrics`` names a metric that
+            ``history`` lacks (the message lists those it has).
+          ImportError: if matplotlib is not installed.
+        """
+        return _plotting.plot_history(self.epoch, self.history, self._key_epochs, metrics, ax)
 
     def __repr__(self) -> str:
         return f"History(epochs={self.epoch}, keys={sorted(self.history)})"

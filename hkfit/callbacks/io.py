@@ -1,9 +1,10 @@
-"""Built-in callbacks that write files: checkpoints, crash backups, CSV and TensorBoard logs.
+"""Built-in callbacks that write files: checkpoints, crash backups and CSV logs.
 
-Everything here is re-exported by :mod:`hkfit.callbacks`; import it from there. Model
-files are written and read through the model's public ``save`` / ``save_weights`` /
-``load`` (one ``.npz`` per checkpoint, atomic, never pickle). In a multi-process run only
-process 0 writes; every process restores.
+Everything here is re-exported by :mod:`hkfit.callbacks`; import it from there (TensorBoard
+is in :mod:`hkfit.callbacks.loggers`, W&B and MLflow in :mod:`hkfit.callbacks.trackers`).
+Model files are written and read through the model's public ``save`` / ``save_weights``
+/ ``load`` (one ``.npz`` per checkpoint, atomic, never pickle). In a multi-process run
+only process 0 writes; every process restores.
 """
 
 from __future__ import annotations
@@ -293,52 +294,4 @@ class CSVLogger(Callback):
             self._file = None
 
 
-class TensorBoard(Callback):
-    """Writes the epoch logs as TensorBoard scalars (needs ``pip install hkfit[tensorboard]``).
-
-    Training logs go to the run ``log_dir/train`` and validation logs to
-    ``log_dir/validation`` with the ``val_`` prefix removed, as TensorFlow's Keras does, so
-    ``loss`` and ``val_loss`` share one chart. Tags are ``epoch_<name>`` (``epoch_loss``,
-    ``epoch_accuracy``, ``epoch_learning_rate``) and the step is the 0-based epoch.
-
-    Args:
-      log_dir: the directory to give to ``tensorboard --logdir``.
-
-    Raises:
-      ImportError: if tensorboardX is not installed.
-    """
-
-    def __init__(self, log_dir: str | os.PathLike = "logs"):
-        super().__init__()
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError as e:
-            raise ImportError(
-                "The TensorBoard callback needs tensorboardX: "
-                "`pip install hkfit[tensorboard]` (or `pip install tensorboardX`)."
-            ) from e
-        self._summary_writer = SummaryWriter
-        self.log_dir = os.fspath(log_dir)
-        self._writers: dict[str, Any] = {}
-
-    def _writer(self, run: str):
-        if run not in self._writers:
-            self._writers[run] = self._summary_writer(os.path.join(self.log_dir, run))
-        return self._writers[run]
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not is_main_process():
-            return
-        for key, value in (logs or {}).items():
-            run, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
-            self._writer(run).add_scalar(f"epoch_{name}", float(value), int(epoch))
-        for writer in self._writers.values():
-            writer.flush()
-
-    def on_train_end(self, logs=None):
-        for writer in self._writers.values():
-            writer.close()
-        self._writers = {}
-
-
-__all__ = ["BackupAndRestore", "CSVLogger", "ModelCheckpoint", "TensorBoard"]
+__all__ = ["BackupAndRestore", "CSVLogger", "ModelCheckpoint"]

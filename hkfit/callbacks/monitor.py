@@ -87,8 +87,9 @@ class EarlyStopping(Callback):
         epochs.
       restore_best_weights: at the end of training (whether or not the stop triggered),
         set params and state back to those of the best epoch (and, for a schedule-free
-        optimizer, whose evaluation params depend on it, the optimizer state). The
-        snapshot is a device copy, safe from the buffer donation of the training steps.
+        optimizer or ``Model(ema=...)``, whose evaluation params depend on it, the
+        optimizer state). The snapshot is a device copy, safe from the buffer donation
+        of the training steps.
       start_from_epoch: epochs to wait before watching (warm-up).
 
     Attributes:
@@ -133,8 +134,9 @@ class EarlyStopping(Callback):
 
     def _snapshot(self):
         weights = (self.model.params, self.model.state)
-        if optimizers_lib.is_schedule_free(self.model.opt_state):
-            # its evaluation params are a function of params AND optimizer state
+        averaged = getattr(self.model, "ema", None) is not None  # the average is in opt_state
+        if averaged or optimizers_lib.is_schedule_free(self.model.opt_state):
+            # the evaluation params are a function of params AND optimizer state
             weights = (*weights, self.model.opt_state)
         return copy_tree(weights)
 

@@ -27,7 +27,8 @@ def in_notebook() -> bool:
         ip = shell.get_ipython()
     except AttributeError:
         return False
-    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+    # Jupyter's kernel shell, or a subclass of it (Google Colab's)
+    return ip is not None and any(c.__name__ == "ZMQInteractiveShell" for c in type(ip).__mro__)
 
 
 def resolve_verbose(verbose: Any) -> int:
@@ -44,14 +45,31 @@ def resolve_verbose(verbose: Any) -> int:
     return int(verbose) if is_main_process() else 0
 
 
-def _make_bar(**kwargs):
-    """A notebook bar in Jupyter (when ipywidgets works), else a terminal bar on stderr."""
-    if in_notebook():
-        try:
-            from tqdm.notebook import tqdm as notebook_tqdm
+def _notebook_bar() -> Any:
+    """tqdm's notebook (widget) bar class in a Jupyter kernel with ipywidgets, else None.
 
-            return notebook_tqdm(**kwargs)
-        except Exception:  # ipywidgets missing or broken: fall back to text
+    Checked before a bar is made: without ipywidgets ``tqdm.notebook`` raises halfway
+    through building a bar (and ``tqdm.auto`` warns on every import), so the text bar is
+    chosen up front instead.
+    """
+    if not in_notebook():
+        return None
+    try:
+        from tqdm import notebook
+    except Exception:
+        return None
+    if getattr(notebook, "IProgress", None) is None:  # ipywidgets is missing
+        return None
+    return notebook.tqdm
+
+
+def _make_bar(**kwargs):
+    """A notebook bar in Jupyter (when ipywidgets works), else a text bar on stderr."""
+    notebook_bar = _notebook_bar()
+    if notebook_bar is not None:
+        try:
+            return notebook_bar(**kwargs)
+        except Exception:  # a broken widget install: fall back to text
             pass
     from tqdm.std import tqdm as std_tqdm
 
@@ -65,6 +83,9 @@ class ProgressBar(Callback):
     ``refresh`` seconds, and the epoch's validation results when the epoch ends. In
     ``evaluate`` / ``predict`` (used on their own) it shows one bar over the batches, and
     ``evaluate`` ends with its results.
+
+    In a Jupyter notebook (Google Colab included) the bar is tqdm's notebook widget when
+    ipywidgets is installed, and otherwise the text bar on stderr, with no warning.
     """
 
     def __init__(self, verbose: int = 1, refresh: float = 0.5):
