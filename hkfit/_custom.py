@@ -83,9 +83,9 @@ class StepLog(metrics_lib.Mean):
     def __init__(self, name: str):
         super().__init__(lambda _, values: values, name)
 
-    def observe(self, state, batch, y_pred, losses, aux, mask):
-        del batch, y_pred, losses
-        value = jnp.asarray(aux[self.name], jnp.float32)
+    def record(self, state, logs: dict, mask: jax.Array):
+        """Adds this batch's value of ``logs[name]``: a scalar, or one value per row."""
+        value = jnp.asarray(logs[self.name], jnp.float32)
         rows = mask.reshape(mask.shape[0], -1).max(axis=-1)
         if value.ndim == 0:
             return self.update(state, None, value[None], jnp.sum(rows)[None])
@@ -121,9 +121,7 @@ def make_train_step(fn: Callable, metrics: list, row_mask: Callable) -> Callable
         new = new._replace(rng=ts.rng, step=ts.step + 1)
         mask = row_mask(batch)
         values = jax.lax.stop_gradient(values)
-        updated = tuple(
-            m.observe(s, batch, None, None, values, mask) for m, s in zip(metrics, logs[1:])
-        )
+        updated = tuple(m.record(s, values, mask) for m, s in zip(metrics, logs[1:]))
         return new, (logs[0], *updated)
 
     return train_step

@@ -136,11 +136,7 @@ def heads(loss: Any, loss_weights: Any = None) -> Heads:
 
 def _keys_of(tree: Any) -> list[str] | None:
     """Output names of a dict / tuple / list output; ``None`` for a single array."""
-    if isinstance(tree, Mapping):
-        return [str(k) for k in tree]
-    if isinstance(tree, (list, tuple)):
-        return [output_name(i) for i in range(len(tree))]
-    return None
+    return list(_structure(tree)) if isinstance(tree, (Mapping, list, tuple)) else None
 
 
 def _describe(keys: list[str] | None) -> str:

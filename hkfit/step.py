@@ -175,21 +175,36 @@ def objective_terms(
             loss_fn, per_example, batch.weights, row_mask(batch), weighted_mean
         )
     else:
-        if isinstance(batch.weights, dict):
-            raise ValueError(
-                "`sample_weight` is a dict of per-output weights, but the model has one "
-                "loss. Expected one array of weights, or `loss` as a dict of per-output "
-                "losses."
-            )
         per_example = loss_fn(batch.y, y_pred)
-        total = weighted_mean(per_example, batch.weights)
+        total = weighted_mean(per_example, single_weights(batch))
+    total, aux = with_added_losses(total, batch, added, regularization)
+    return total, per_example, aux
+
+
+def single_weights(batch: Batch) -> jax.Array | np.ndarray:
+    """The batch's weights of a one-loss objective (refusing per-output weights)."""
+    if isinstance(batch.weights, dict):
+        raise ValueError(
+            "`sample_weight` is a dict of per-output weights, but the model has one loss. "
+            "Expected one array of weights, or `loss` as a dict of per-output losses."
+        )
+    return batch.weights
+
+
+def with_added_losses(
+    total: jax.Array,
+    batch: Batch,
+    added: dict[str, jax.Array],
+    regularization: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``total`` plus the added losses (and regularization) as weighted row means; ``aux``."""
     rows = row_weights_of(batch)
     if regularization is not None:
         added = {**added, REGULARIZATION: regularization}
     aux = {name: auxiliary.per_row(value, rows.shape[0]) for name, value in added.items()}
     for value in aux.values():
         total = total + weighted_mean(value, rows)
-    return total, per_example, aux
+    return total, aux
 
 
 REGULARIZATION = "regularization_loss"
@@ -202,9 +217,8 @@ def compute_logs(logs: tuple, metrics: Sequence[Any]) -> dict[str, float]:
     each output's ``<output>_loss`` times its loss weight) plus every added loss
     (:class:`AuxLoss`), each of which is also logged under its own name.
     """
-    values = {"loss": LOSS_METRIC.compute(logs[0])}
-    if any(getattr(m, "custom", False) for m in metrics):
-        values = {}  # a custom train step logs what it returns (see hkfit._custom)
+    custom = any(getattr(m, "custom", False) for m in metrics)  # logs what it returns
+    values = {} if custom else {"loss": LOSS_METRIC.compute(logs[0])}
     for m, s in zip(metrics, logs[1:]):
         values[m.name] = m.compute(s)
         if getattr(m, "aux", False):
@@ -256,9 +270,8 @@ def forward_terms(
             loss_fn.fn, user_apply, params, state, key, batch
         )
         per_example: Any = custom_lib.per_example(loss, batch)
-        total, _, aux = objective_terms(
-            lambda *_: per_example, batch, y_pred, added, regularization
-        )
+        total = weighted_mean(per_example, single_weights(batch))
+        total, aux = with_added_losses(total, batch, added, regularization)
         return y_pred, new_state, total, per_example, aux
     (y_pred, new_state), added = auxiliary.collect(apply, params, state, *keys, batch.x)
     total, per_example, aux = objective_terms(loss_fn, batch, y_pred, added, regularization)
