@@ -1,5 +1,7 @@
 """Multi-output models: a loss, a weight, metrics and sample weights per output."""
 
+import warnings
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -257,3 +259,16 @@ def test_gradient_accumulation_equals_larger_batches_and_refuses_per_output_weig
         b.fit(x, y, sample_weight=w, batch_size=10, gradient_accumulation_steps=2, verbose=0)
     for p, q in zip(jax.tree_util.tree_leaves(b.params), jax.tree_util.tree_leaves(before)):
         np.testing.assert_array_equal(p, q)
+
+
+def test_the_logits_warning_reads_each_output():
+    def softmax_kind(x):
+        h = jax.nn.relu(hk.Linear(8)(x))
+        return {"age": hk.Linear(1)(h)[:, 0], "kind": jax.nn.softmax(hk.Linear(3)(h))}
+
+    x, y, _ = data()
+    with pytest.warns(UserWarning, match="sparse_categorical_crossentropy.*from_logits=False"):
+        hkfit.Model(softmax_kind, loss=LOSS).fit(x, y, epochs=1, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # logits on every output: no warning
+        model().fit(x, y, epochs=1, verbose=0)
