@@ -4,18 +4,26 @@ A model file holds the :class:`ModelTree` (params, state, and for a full save th
 optimizer state, rng and step) and JSON metadata: the kind (``"model"`` or
 ``"weights"``), the input spec (so a fresh model can be initialized before loading), and
 for a full save the epoch, the number of epochs trained, the history and the seed.
+
+:func:`read` checks all of that metadata before anything is restored: the types and
+ranges of every field, and an input spec whose example batch has at most
+:data:`MAX_EXAMPLE_ELEMENTS` elements, so a fresh model never allocates what a file
+dictates. A fresh model compares the shapes its initialization would give (computed with
+``jax.eval_shape``, see :func:`check_fits`) with the file before allocating any.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from hkfit import _checkpoint_file as file_lib
+from hkfit import _position as position_lib
 from hkfit import checkpoint as checkpoint_lib
 from hkfit.distributed import is_main_process
 from hkfit.step import TrainState
@@ -42,6 +50,7 @@ class Progress(NamedTuple):
     epochs_trained: int
     history_epoch: list
     history: dict
+    position: dict | None = None  # a save inside an epoch: see ``Model.resume_point``
 
 
 def encode_spec(spec: Any) -> Any:
@@ -55,15 +64,74 @@ def encode_spec(spec: Any) -> Any:
     raise TypeError(type(spec).__name__)
 
 
-def decode_spec(encoded: Any) -> Any:
-    """Zeros with the shapes and dtypes of an encoded input spec."""
-    if "shape" in encoded:
-        return np.zeros(encoded["shape"], jnp.dtype(encoded["dtype"]))
-    if "dict" in encoded:
-        return {k: decode_spec(v) for k, v in encoded["dict"].items()}
-    if "list" in encoded:
-        return [decode_spec(v) for v in encoded["list"]]
-    return tuple(decode_spec(v) for v in encoded["tuple"])
+MAX_EXAMPLE_ELEMENTS = 2**26  # elements of the example batch a fresh model initializes from
+_MAX_SPEC_DEPTH = 16
+_MAX_SPEC_LEAVES = 4096
+
+
+def decode_spec(encoded: Any, *, path: str = "checkpoint") -> Any:
+    """The input spec (a pytree of ``jax.ShapeDtypeStruct``) of an encoded one, checked.
+
+    >>> decode_spec({"tuple": [{"shape": [1, 3], "dtype": "float32"}]})
+    (ShapeDtypeStruct(shape=(1, 3), dtype=float32),)
+
+    Raises:
+      ValueError: naming ``path``, for a malformed spec or one whose example batch has
+        more than :data:`MAX_EXAMPLE_ELEMENTS` elements.
+    """
+    leaves: list[jax.ShapeDtypeStruct] = []
+    spec = _decode(path, encoded, "input_spec", 0, leaves)
+    total = sum(math.prod(leaf.shape) for leaf in leaves)
+    if not leaves or total > MAX_EXAMPLE_ELEMENTS:
+        raise file_lib.invalid(
+            path,
+            "input_spec",
+            f"an example batch of at most {MAX_EXAMPLE_ELEMENTS} elements",
+            f"{total} elements",
+        )
+    return spec
+
+
+def _decode(path: str, encoded: Any, field: str, depth: int, leaves: list) -> Any:
+    if depth > _MAX_SPEC_DEPTH or len(leaves) > _MAX_SPEC_LEAVES:
+        raise file_lib.invalid(
+            path, field, f"at most {_MAX_SPEC_DEPTH} levels and {_MAX_SPEC_LEAVES} arrays", "more"
+        )
+    if isinstance(encoded, dict) and set(encoded) == {"shape", "dtype"}:
+        shape = file_lib.check_shape(path, f"{field}.shape", encoded["shape"])
+        dtype = file_lib.numeric_dtype(encoded["dtype"])
+        if dtype is None:
+            raise file_lib.invalid(path, f"{field}.dtype", "a numeric dtype name", encoded["dtype"])
+        if not shape or shape[0] < 1 or max(shape) > MAX_EXAMPLE_ELEMENTS:
+            raise file_lib.invalid(
+                path,
+                f"{field}.shape",
+                f"a batch shape [rows >= 1, ...], each at most {MAX_EXAMPLE_ELEMENTS} elements",
+                list(shape),
+            )
+        leaves.append(jax.ShapeDtypeStruct(shape, dtype))
+        return leaves[-1]
+    if isinstance(encoded, dict) and len(encoded) == 1:
+        ((kind, value),) = encoded.items()
+        if kind == "dict" and isinstance(value, dict):
+            return {
+                k: _decode(path, v, f"{field}.dict.{k}", depth + 1, leaves)
+                for k, v in value.items()
+            }
+        if kind in ("list", "tuple") and isinstance(value, list):
+            items = [
+                _decode(path, v, f"{field}.{kind}[{i}]", depth + 1, leaves)
+                for i, v in enumerate(value)
+            ]
+            return items if kind == "list" else tuple(items)
+    raise file_lib.invalid(
+        path, field, "an input spec ({'shape', 'dtype'}, {'dict'}, {'list'} or {'tuple'})", encoded
+    )
+
+
+def example(spec: Any) -> Any:
+    """Zeros (numpy) with the shapes and dtypes of a decoded input spec."""
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), spec)
 
 
 def _key_json(key: jax.Array) -> dict:
@@ -103,21 +171,81 @@ def save(
             },
             seed=_key_json(seed),
         )
+        if progress.position is not None:
+            metadata["position"] = progress.position
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     os.makedirs(directory, exist_ok=True)
     checkpoint_lib.save_tree(path, tree, metadata=metadata)
 
 
-def read(path: str | os.PathLike, *, weights_only: bool) -> tuple[dict, dict, Any]:
-    """``(meta, arrays, example_input or None)`` of a model checkpoint.
+def _check_floats(path: str, field: str, values: Any) -> None:
+    if not isinstance(values, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    ):
+        raise file_lib.invalid(path, field, "a list of numbers", values)
+
+
+def _check_history(path: str, history: Any) -> None:
+    """``{"epoch": [int], "history": {name: [float]}}``; NaN and infinities are kept."""
+    if not isinstance(history, dict):
+        raise file_lib.invalid(path, "history", "an object", history)
+    epochs = history.get("epoch", [])
+    if not isinstance(epochs, list):
+        raise file_lib.invalid(path, "history.epoch", "a list of integers", epochs)
+    for i, epoch in enumerate(epochs):
+        file_lib.check_int(path, f"history.epoch[{i}]", epoch)
+    values = history.get("history", {})
+    if not isinstance(values, dict):
+        raise file_lib.invalid(path, "history.history", "an object of lists", values)
+    for name, series in values.items():
+        _check_floats(path, f"history.history.{name}", series)
+
+
+def _check_seed(path: str, seed: Any) -> None:
+    if not isinstance(seed, dict) or not isinstance(seed.get("impl"), str):
+        raise file_lib.invalid(path, "seed", "an object with `impl` and `data`", seed)
+    data = seed.get("data")
+    if not isinstance(data, list) or len(data) > 64:
+        raise file_lib.invalid(path, "seed.data", "a list of at most 64 uint32", data)
+    for i, word in enumerate(data):
+        file_lib.check_int(path, f"seed.data[{i}]", word, 2**32 - 1)
+
+
+def check_meta(path: str, meta: dict) -> Any:
+    """Checks the model fields of checked checkpoint metadata; returns the decoded input spec.
 
     Raises:
-      ValueError: for a pytree checkpoint, or a weights-only file given to a full load.
+      ValueError: naming ``path`` and the first field of the wrong type or range.
+    """
+    kind = meta.get("kind")
+    if kind is not None and kind not in ("model", "weights"):
+        raise file_lib.invalid(path, "kind", "'model' or 'weights'", kind)
+    for field in ("epoch", "epochs_trained", "step"):
+        if field in meta:
+            file_lib.check_int(path, field, meta[field])
+    if meta.get("history") is not None:
+        _check_history(path, meta["history"])
+    if meta.get("seed") is not None:
+        _check_seed(path, meta["seed"])
+    if meta.get("position") is not None:  # a save inside an epoch
+        position_lib.decode(meta["position"], path)
+    spec = meta.get("input_spec")
+    return None if spec is None else decode_spec(spec, path=path)
+
+
+def read(path: str | os.PathLike, *, weights_only: bool) -> tuple[dict, dict, Any]:
+    """``(meta, arrays, input spec or None)`` of a model checkpoint, all checked.
+
+    Raises:
+      FileNotFoundError: if ``path`` does not exist.
+      ValueError: for a malformed or corrupted file, a pytree checkpoint, or a
+        weights-only file given to a full load.
     """
     path = os.fspath(path)
     meta, arrays = checkpoint_lib.read(path)
+    spec = check_meta(path, meta)
     kind = meta.get("kind")
-    if kind not in ("model", "weights"):
+    if kind is None:
         raise ValueError(
             f"{path!r} is an hkfit checkpoint of a pytree, not of a model; read it "
             "with hkfit.checkpoint.load_tree."
@@ -127,8 +255,27 @@ def read(path: str | os.PathLike, *, weights_only: bool) -> tuple[dict, dict, An
             f"{path!r} holds weights only (params and state), written by "
             "`save_weights`; load it with `model.load_weights(path)`."
         )
-    spec = meta.get("input_spec")
-    return meta, arrays, None if spec is None else decode_spec(spec)
+    return meta, arrays, spec
+
+
+def check_fits(path: str | os.PathLike, meta: dict, params: Any, state: Any) -> None:
+    """Checks the file's params and state against the shapes a fresh model would create.
+
+    Only the tree paths and shapes are compared (they decide what is allocated).
+
+    ``params`` and ``state`` may be ``jax.ShapeDtypeStruct`` trees from ``jax.eval_shape``
+    of the model's initialization, so nothing is allocated when they differ.
+
+    Raises:
+      ValueError: naming the first tree path whose presence, shape or dtype differs.
+    """
+    checkpoint_lib.check_structure(
+        ModelTree(params, state),
+        meta,
+        path=os.fspath(path),
+        ignore_extra_prefixes=(".opt_state", ".rng", ".step"),
+        check_dtypes=False,  # the model's init may cast; `restore` checks them exactly
+    )
 
 
 def restore(
@@ -140,11 +287,11 @@ def restore(
     weights_only: bool,
     seed: jax.Array,
 ) -> tuple[TrainState, Progress | None]:
-    """The restored train state, and the progress of a full checkpoint.
+    """The restored train state, and the progress of a full checkpoint (``ts`` untouched).
 
-    A full checkpoint whose optimizer state does not fit this model's optimizer (saved
-    with another optimizer) restores everything else and warns that the optimizer state
-    starts fresh.
+    ``meta`` and ``arrays`` come from :func:`read`. A full checkpoint whose optimizer state
+    does not fit this model's optimizer (saved with another optimizer) restores everything
+    else and warns that the optimizer state starts fresh.
     """
     path = os.fspath(path)
     if weights_only:
@@ -174,7 +321,7 @@ def restore(
             stacklevel=4,
         )
     saved_seed = meta.get("seed")
-    if saved_seed is not None and saved_seed.get("data") != _key_json(seed)["data"]:
+    if saved_seed is not None and saved_seed["data"] != _key_json(seed)["data"]:
         warnings.warn(
             f"{path!r} was written by a model with a different seed; the shuffle "
             "order of later epochs follows this model's seed, so training does not "
@@ -188,5 +335,6 @@ def restore(
         int(meta.get("epochs_trained", epoch)),
         [int(e) for e in history.get("epoch", [])],
         {k: [float(v) for v in vs] for k, vs in history.get("history", {}).items()},
+        meta.get("position"),
     )
     return TrainState(*tree), progress
