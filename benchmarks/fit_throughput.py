@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import gc
 import json
 import os
@@ -62,7 +63,9 @@ import hkfit
 HIDDEN = (256, 256)
 CLASSES = 10
 LEARNING_RATE = 1e-3
-IMPLS = ("hkfit", "jit loop", "scan epoch", "keras")
+IMPLS = ("hkfit", "jit loop", "scan epoch", "keras", "keras spe32")
+#: A row whose repeats spread more than this (max - min over the median) is flagged noisy.
+NOISY = 0.15
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MB = 1024 * 1024
 _KERAS: dict = {}
@@ -305,7 +308,10 @@ def run_scan_epoch(data: Data, batch_size: int, epochs: int, seed: int) -> Run:
     return Run(ends, hand_accuracy(net, params, data.x_test, data.y_test))
 
 
-def run_keras(data: Data, batch_size: int, epochs: int, seed: int) -> Run:
+def run_keras(
+    data: Data, batch_size: int, epochs: int, seed: int, steps_per_execution: int = 1
+) -> Run:
+    """Keras 3 on JAX; ``steps_per_execution=32`` fuses steps into an on-device loop."""
     keras = import_keras()
 
     class Clock(keras.callbacks.Callback):
@@ -325,6 +331,7 @@ def run_keras(data: Data, batch_size: int, epochs: int, seed: int) -> Run:
         optimizer=keras.optimizers.Adam(LEARNING_RATE),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
     model.fit(data.x, data.y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[Clock()])
     result = model.evaluate(data.x_test, data.y_test, batch_size=1024, verbose=0, return_dict=True)
@@ -336,6 +343,7 @@ RUNNERS = {
     "jit loop": run_jit_loop,
     "scan epoch": run_scan_epoch,
     "keras": run_keras,
+    "keras spe32": functools.partial(run_keras, steps_per_execution=32),
 }
 
 
@@ -490,7 +498,7 @@ def bench_scaling(data: Data, sizes, batch_size: int, epochs: int, repeats: int)
 def probe(impl: str, n: int, batch_size: int, epochs: int) -> dict:
     """One implementation in THIS fresh process: cold first epoch and whole-process peak RSS."""
     data = synthetic(n, n // 6)
-    if impl == "keras":
+    if impl.startswith("keras"):
         import_keras()
     jnp.zeros(1).block_until_ready()
     trim()
@@ -576,9 +584,23 @@ def med(values) -> float:
     return float(statistics.median(values))
 
 
-def spread(values, fmt: str = "{:,.0f}") -> str:
-    """`` [min–max]`` of several values, nothing for one."""
-    return f" [{fmt.format(min(values))}–{fmt.format(max(values))}]" if len(values) > 1 else ""
+_NOISY_ROWS: list = []  # names of the rows flagged noisy, for the targets' footnote
+
+
+def noisy(values, row: str | None = None) -> bool:
+    """Whether repeats spread more than ``NOISY`` of their median (recorded by ``row``)."""
+    flagged = len(values) > 1 and (max(values) - min(values)) > NOISY * med(values)
+    if flagged and row:
+        _NOISY_ROWS.append(row)
+    return flagged
+
+
+def spread(values, fmt: str = "{:,.0f}", row: str | None = None) -> str:
+    """`` [min–max]`` of several values (flagged when noisy), nothing for one."""
+    if len(values) < 2:
+        return ""
+    flag = " noisy" if noisy(values, row) else ""
+    return f" [{fmt.format(min(values))}–{fmt.format(max(values))}{flag}]"
 
 
 def status(ok: bool | None) -> str:
@@ -604,7 +626,8 @@ def fit_section(configs, fit, targets: list) -> list:
             cpu = med([s.samples_per_cpu_s for s in samples])
             stat[impl] = (sps, overhead)
             lines.append(
-                f"| {name} | {impl} | {sps:,.0f}{spread([s.samples_per_s for s in samples])} | "
+                f"| {name} | {impl} | "
+                f"{sps:,.0f}{spread([s.samples_per_s for s in samples], row=f'{name} {impl}')} | "
                 f"{sps / scan:.2f}x | {cpu:,.0f} ({cpu / scan_cpu:.2f}x) | "
                 f"{med([s.first_epoch_s for s in samples]):.2f} | "
                 f"{overhead:.2f} | {med([s.rss_growth for s in samples]) / MB:.0f} | "
@@ -649,7 +672,7 @@ def inference_section(inference, targets: list) -> list:
         for who, t in ((f"hkfit {kind}", hk_t), (f"hand {kind}", hand_t)):
             rates = [n / v for v in res[who]["times"]]
             lines.append(
-                f"| {who} | {n / t:,.0f}{spread(rates)} | {hand_t / t:.2f}x | "
+                f"| {who} | {n / t:,.0f}{spread(rates, row=who)} | {hand_t / t:.2f}x | "
                 f"{res[who]['first']:.2f} |"
             )
         targets.append(
@@ -794,6 +817,11 @@ def report(
         "minus the RSS before the run: extra memory the run needed on top of the numpy "
         "dataset (includes XLA compilation). Peak RSS (cold start): VmHWM of a fresh "
         "process that generates the data and runs one implementation.",
+        f"- A spread marked *noisy* means the repeats differ by more than {NOISY:.0%} of "
+        "their median: the machine was busy, and that row's wall-clock ratios are not "
+        "reliable (the samples/CPU-s ratio holds up better). `keras` is Keras 3's "
+        "default (one step per call); `keras spe32` fuses 32 steps per call "
+        "(`steps_per_execution=32`), Keras's own on-device loop.",
     ]
     if keras is None:
         lines.append(
@@ -814,6 +842,13 @@ def report(
             lines += [""] + section(value, targets)
     lines += ["", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
     lines += [f"| {what} | {value} | {status(ok)} |" for what, value, ok in targets]
+    if _NOISY_ROWS:
+        lines += [
+            "",
+            f"Rows behind {len(_NOISY_ROWS)} of these figures were noisy (see their spread): "
+            + ", ".join(sorted(set(_NOISY_ROWS)))
+            + ". Rerun on a quieter machine before trusting a miss or a win there.",
+        ]
     judged = [ok for _, _, ok in targets if ok is not None]
     lines += ["", f"{sum(judged)} of {len(judged)} judged targets met."]
     if args.quick:
@@ -856,7 +891,7 @@ def plan(quick: bool) -> dict:
         "scaling": [15_000, 30_000, 60_000],
         "scaling_epochs": 3,
         "cold_n": 60_000,
-        "cold_impls": IMPLS,
+        "cold_impls": ("hkfit", "jit loop", "scan epoch", "keras"),
         "warm_up": True,
     }
 
@@ -885,6 +920,12 @@ def main(argv=None) -> int:
         default=None,
         help="comma-separated parts: digits,b32,b128,b1024,precision,inference,scaling,cold",
     )
+    parser.add_argument(
+        "--no-keras-spe32",
+        dest="keras_spe32",
+        action="store_false",
+        help="leave out the Keras row with steps_per_execution=32",
+    )
     parser.add_argument("--probe", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--probe-n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--probe-batch", type=int, help=argparse.SUPPRESS)
@@ -911,6 +952,8 @@ def main(argv=None) -> int:
     sizes["configs"] = [c[:4] for c in configs if keep(c[4])]
     keras = import_keras()
     impls = IMPLS if keras is not None else IMPLS[:3]
+    if not args.keras_spe32:
+        impls = tuple(i for i in impls if i != "keras spe32")
     log(f"{versions()}\n{machine()}, load average {loads[0]}")
     if keras is None:
         log(f"keras skipped: {_KERAS['error']}")

@@ -7,6 +7,7 @@ batch_size=0.``
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -52,17 +53,54 @@ def metric_specs(metrics: Any, arg: str = "metrics") -> list:
 
 
 def validation_epochs(validation_freq: Any) -> Callable[[int], bool]:
-    """``validation_freq`` -> whether to validate after a 1-based epoch."""
-    if isinstance(validation_freq, int) and not isinstance(validation_freq, bool):
-        positive_int(validation_freq, "validation_freq")
-        return lambda e: e % validation_freq == 0
-    if isinstance(validation_freq, (list, tuple, set, range)):
-        wanted = frozenset(int(e) for e in validation_freq)
+    """``validation_freq`` -> whether to validate after a 1-based epoch.
+
+    Raises:
+      TypeError: for anything but an int or a collection of ints.
+      ValueError: for an int < 1 or a listed epoch < 1 (which would never validate).
+    """
+    if isinstance(validation_freq, (int, np.integer)) and not isinstance(validation_freq, bool):
+        every = positive_int(validation_freq, "validation_freq")
+        return lambda e: e % every == 0
+    if isinstance(validation_freq, (list, tuple, set, frozenset, range)):
+        epochs = list(validation_freq)
+        bad = [
+            e
+            for e in epochs
+            if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, np.integer)) or e < 1
+        ]
+        if bad:
+            raise ValueError(
+                "Expected `validation_freq` to list 1-based epochs (ints >= 1). "
+                f"Received: validation_freq={validation_freq!r}, with {bad!r}."
+            )
+        wanted = frozenset(int(e) for e in epochs)
         return lambda e: e in wanted
     raise TypeError(
         "Expected `validation_freq` to be an int or a list of 1-based epochs. "
         f"Received: validation_freq={validation_freq!r}."
     )
+
+
+def check_shuffle(shuffle: Any) -> bool:
+    """``shuffle`` as a bool; anything but ``True``/``False`` (numpy's too) is refused."""
+    if not isinstance(shuffle, (bool, np.bool_)):
+        raise TypeError(
+            f"Expected `shuffle` to be True or False. Received: shuffle={shuffle!r} of "
+            f"type {type(shuffle).__name__}."
+        )
+    return bool(shuffle)
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """A real number in ``[0, 1)`` (Python or numpy scalar) as a float."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not 0 <= float(value) < 1
+    ):
+        raise ValueError(f"Expected `{name}` in [0, 1). Received: {name}={value!r}.")
+    return float(value)
 
 
 class FitArgs(NamedTuple):
@@ -107,15 +145,7 @@ def fit_args(
         )
     if steps_per_epoch is not None:
         steps_per_epoch = positive_int(steps_per_epoch, "steps_per_epoch")
-    if (
-        isinstance(validation_split, bool)
-        or not isinstance(validation_split, (int, float))
-        or not 0 <= validation_split < 1
-    ):
-        raise ValueError(
-            "Expected `validation_split` in [0, 1). "
-            f"Received: validation_split={validation_split!r}."
-        )
+    validation_split = check_fraction(validation_split, "validation_split")
     validation_batch_size = positive_int(
         validation_batch_size or batch_size, "validation_batch_size"
     )
@@ -126,7 +156,7 @@ def fit_args(
         resolve_verbose(verbose),
         initial_epoch,
         steps_per_epoch,
-        float(validation_split),
+        validation_split,
         validation_batch_size,
         validation_epochs(validation_freq),
         steps_per_execution,
@@ -181,7 +211,9 @@ def check_iterable_args(
     if class_weight is not None or sample_weight is not None:
         raise ValueError(
             "`class_weight` and `sample_weight` need array inputs; an iterable "
-            "`x` yields (x, y, sample_weight) batches instead."
+            "`x` yields (x, y, sample_weight) batches instead. Received: "
+            f"sample_weight of type {type(sample_weight).__name__}, "
+            f"class_weight={class_weight!r}."
         )
 
 

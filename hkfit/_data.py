@@ -33,6 +33,9 @@ _NARROW_DTYPES = {
 }
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def is_array(value: Any) -> bool:
     """True for numpy/JAX arrays (anything with a shape and a dtype)."""
     return isinstance(value, (np.ndarray, jax.Array)) or (
@@ -87,35 +90,112 @@ def positive_int(value: Any, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def checked_arrays(x: PyTree, y: PyTree, check_inputs: bool = True) -> tuple[PyTree, PyTree, int]:
+def checked_arrays(
+    x: PyTree, y: PyTree, check_inputs: bool = True, names: tuple[str, str] = ("x", "y")
+) -> tuple[PyTree, PyTree, int]:
     """``x`` and ``y`` as numpy pytrees with the same, non-zero number of rows.
 
     The leaves are in the dtypes the device will hold (see :func:`to_device_dtypes`).
+    With ``check_inputs`` the values are checked before they are narrowed, so a float64
+    value beyond float32's range is refused rather than turned into Inf.
+
+    Args:
+      x: inputs, an array or a pytree of arrays.
+      y: targets, an array or a pytree of arrays.
+      check_inputs: refuse NaN/Inf (and values the device dtype cannot hold).
+      names: what ``x`` and ``y`` are called in error messages.
 
     Raises:
       ValueError: for different row counts, no rows, or (with ``check_inputs``) NaN/Inf.
+      TypeError: for leaves that are not numbers (strings, objects, dates).
     """
-    x, y = to_numpy(x, "x"), to_numpy(y, "y")
-    n, n_y = num_rows(x, "x"), num_rows(y, "y")
+    x_name, y_name = names
+    x, y = host_arrays(x, x_name), host_arrays(y, y_name)
+    n, n_y = num_rows(x, x_name), num_rows(y, y_name)
     if n != n_y:
         raise ValueError(
-            "Expected `x` and `y` to have the same number of rows. Received: "
-            f"x has {n} rows, y has {n_y}."
+            f"Expected `{x_name}` and `{y_name}` to have the same number of rows. Received: "
+            f"{x_name} has {n} rows, {y_name} has {n_y}."
         )
     if n == 0:
-        raise ValueError("Expected a non-empty dataset. Received: x and y with 0 rows.")
+        raise ValueError(
+            f"Expected a non-empty dataset. Received: {x_name} and {y_name} with 0 rows."
+        )
     if check_inputs:
-        check_finite(x, "x")
-        check_finite(y, "y")
-    return x, y, n
+        check_finite(x, x_name)
+        check_finite(y, y_name)
+    return to_device_dtypes(x, x_name), to_device_dtypes(y, y_name), n
+
+
+def host_arrays(tree: PyTree, name: str = "x") -> PyTree:
+    """Every leaf of ``tree`` as a numpy array in its own dtype, checked to hold numbers.
+
+    Raises:
+      ValueError: for ``None`` or an empty dict/list/tuple.
+      TypeError: for leaves of strings, objects, dates or other non-numeric dtypes.
+    """
+    check_present(tree, name)
+    tree = jax.tree_util.tree_map(np.asarray, tree, is_leaf=is_array)
+    check_numeric(tree, name)
+    return tree
+
+
+def check_present(tree: PyTree, name: str) -> None:
+    """Refuses ``None`` and empty containers where data is expected, naming ``name``."""
+    if tree is None or (isinstance(tree, (dict, list, tuple)) and not tree):
+        raise ValueError(
+            f"Expected `{name}` to hold data: an array, a dict/list/tuple of arrays or an "
+            f"iterable of batches. Received: {name}={tree!r}."
+        )
+
+    def is_leaf(value: Any) -> bool:
+        return is_array(value) or not isinstance(value, (dict, list, tuple))
+
+    if not jax.tree_util.tree_leaves(tree, is_leaf=is_leaf):
+        raise ValueError(
+            f"Expected `{name}` to hold at least one array. Received: {name}={tree!r}, "
+            "a container without arrays."
+        )
+
+
+def check_numeric(tree: PyTree, name: str, allow_complex: bool = True) -> None:
+    """Refuses leaves whose dtype is not a number (or complex, unless ``allow_complex``).
+
+    Booleans, integers, floating-point types (``bfloat16`` and float8 included) and,
+    with ``allow_complex``, complex types are numbers.
+
+    Raises:
+      TypeError: naming the leaf, its dtype and the fix.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_array):
+        dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        numeric = dtype.kind == "b" or jnp.issubdtype(dtype, jnp.number)
+        if not numeric:
+            raise TypeError(
+                f"Expected numbers in `{where}` (bool, int or float arrays). Received: "
+                f"dtype {dtype}. Encode the values as numbers first (e.g. class indices "
+                "for strings, timestamps as floats)."
+            )
+        if not allow_complex and jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"Expected real numbers in `{where}`: the model was not built on complex "
+                f"inputs. Received: dtype {dtype}. Pass np.real(...) or np.abs(...) of it, "
+                "or call model.init(x) with complex inputs first to build a complex model."
+            )
 
 
 def to_numpy(tree: PyTree, name: str = "x") -> PyTree:
     """Converts every leaf (numpy, JAX, torch CPU tensors, lists) to a numpy array.
 
     The arrays are in the dtypes the device will hold (see :func:`to_device_dtypes`).
+
+    Raises:
+      TypeError: for leaves that are not numbers.
     """
-    return to_device_dtypes(jax.tree_util.tree_map(np.asarray, tree, is_leaf=is_array), name)
+    tree = jax.tree_util.tree_map(np.asarray, tree, is_leaf=is_array)
+    check_numeric(tree, name)
+    return to_device_dtypes(tree, name)
 
 
 def to_device_dtypes(tree: PyTree, name: str = "x") -> PyTree:
@@ -164,8 +244,10 @@ def to_device_dtypes(tree: PyTree, name: str = "x") -> PyTree:
 
 
 def _non_finite(leaf: np.ndarray) -> np.ndarray | None:
-    """The mask of NaN/Inf entries of a floating-point ``leaf`` (None for other dtypes).
+    """The mask of entries of a floating-point ``leaf`` that are not finite on the device.
 
+    NaN and Inf, and (while ``jax_enable_x64`` is off) float64 values beyond float32's
+    range, which the narrowing to float32 would turn into Inf. None for other dtypes.
     ``jnp.issubdtype`` also counts ml_dtypes' bfloat16 and float8 types as inexact, which
     numpy does not; they are widened to float32 for the check.
     """
@@ -173,22 +255,33 @@ def _non_finite(leaf: np.ndarray) -> np.ndarray | None:
         return None
     if not np.issubdtype(leaf.dtype, np.inexact):
         leaf = leaf.astype(np.float32)
-    return ~np.isfinite(leaf)
+    bad = ~np.isfinite(leaf)
+    if leaf.dtype in _NARROW_DTYPES and not jax.config.jax_enable_x64:  # type: ignore[attr-defined]
+        bad |= np.abs(leaf) > _FLOAT32_MAX  # complex64 holds two float32
+    return bad
 
 
 def check_finite(tree: PyTree, name: str) -> None:
     """Raises ValueError naming the first leaf of ``tree`` that holds NaN or Inf.
 
-    Every floating-point dtype is checked, including ``bfloat16`` and the float8 types.
+    Every floating-point dtype is checked, including ``bfloat16`` and the float8 types,
+    and float64 values are checked against the float32 range they are narrowed to.
     """
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_array):
         leaf = np.asarray(leaf)
         bad = _non_finite(leaf)
         if bad is not None and bad.any():
             first = np.argwhere(bad)[0]
+            value = leaf[tuple(first)]
+            overflow = ""
+            if np.isfinite(value):
+                overflow = (
+                    f" It overflows {_NARROW_DTYPES[leaf.dtype]} (max {_FLOAT32_MAX:.4g}), "
+                    f"the dtype `{name}` takes on the device; rescale it."
+                )
             raise ValueError(
-                f"Expected finite values in `{name}`. Received: {leaf[tuple(first)]} at "
-                f"{name}{jax.tree_util.keystr(path)}[{', '.join(map(str, first))}]. "
+                f"Expected finite values in `{name}`. Received: {value} at "
+                f"{name}{jax.tree_util.keystr(path)}[{', '.join(map(str, first))}].{overflow} "
                 "Clean the data, or pass check_inputs=False to skip this check."
             )
 
@@ -240,6 +333,61 @@ def check_input_spec(x: PyTree, spec: PyTree, name: str = "x") -> None:
             f"inputs of shape {(None, *row)}). Received: {where} of shape "
             f"{shape}.{fix}"
         )
+
+
+def sparse_labels(
+    labels: Any,
+    classes: int,
+    out_ndim: int,
+    name: str = "y",
+    ignore_class: int | None = None,
+    check: bool = True,
+) -> Any:
+    """Checks integer class labels against the number of classes of the output.
+
+    Labels of shape ``[batch, ..., 1]`` for outputs ``[batch, ..., classes]`` lose their
+    trailing axis, as Keras squeezes them. Host arrays are checked in one pass; other
+    arrays (already on a device) are returned unchecked.
+
+    Args:
+      labels: the labels of a sparse crossentropy, ``[batch, ...]`` or ``[batch, ..., 1]``.
+      classes: the size of the output's last axis.
+      out_ndim: the number of axes of the output, the batch axis included.
+      name: what the labels are called in error messages.
+      ignore_class: a label value that is allowed besides ``0 .. classes - 1``.
+      check: check the values (False: only squeeze).
+
+    Returns:
+      The labels, without a trailing axis of size 1.
+
+    Raises:
+      ValueError: for a label that is not an integer in ``[0, classes)``.
+
+    >>> sparse_labels(np.array([[0], [2]]), 3, 2).shape
+    (2,)
+    """
+    if labels is None or not hasattr(labels, "shape"):
+        return labels
+    if np.ndim(labels) == out_ndim and np.shape(labels)[-1] == 1:
+        labels = labels[..., 0]
+    if not check or not isinstance(labels, np.ndarray) or labels.size == 0:
+        return labels
+    values = labels if labels.dtype.kind in "biu" else labels.astype(np.float64)
+    bad = (values < 0) | (values >= classes)
+    if values.dtype.kind == "f":
+        bad |= values != np.round(values)
+    if ignore_class is not None:
+        bad &= values != ignore_class
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        allowed = "" if ignore_class is None else f" (or ignore_class={ignore_class})"
+        raise ValueError(
+            f"Expected `{name}` to hold integer class indices in [0, {classes}){allowed}: "
+            f"the model has {classes} outputs per row. Received: "
+            f"{name}[{', '.join(map(str, first))}]={labels[first]}. Encode the labels as "
+            f"0 .. {classes - 1}, or give the last layer one output per class."
+        )
+    return labels
 
 
 def take_rows(tree: PyTree, start: int | None, stop: int | None) -> PyTree:
@@ -320,7 +468,9 @@ def _class_labels(y: np.ndarray) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def class_weights_for(y: np.ndarray, class_weight: Mapping[int, float]) -> np.ndarray:
+def class_weights_for(
+    y: np.ndarray, class_weight: Mapping[int, float], require_present: bool = True
+) -> np.ndarray:
     """Per-row weights from a ``{class: weight}`` dict; classes not in the dict weigh 1.
 
     Labels may be integers ``[n]`` (or ``[n, 1]``), or one-hot ``[n, classes]`` where
@@ -329,6 +479,8 @@ def class_weights_for(y: np.ndarray, class_weight: Mapping[int, float]) -> np.nd
     Args:
       y: the labels.
       class_weight: non-negative integer class index -> finite weight >= 0.
+      require_present: refuse weights for classes absent from ``y`` (a likely typo in
+        ``fit``'s whole dataset; a single batch of ``train_on_batch`` may lack a class).
 
     Returns:
       A float32 vector with the weight of each row's class.
@@ -336,8 +488,8 @@ def class_weights_for(y: np.ndarray, class_weight: Mapping[int, float]) -> np.nd
     Raises:
       TypeError: if ``class_weight`` is not a dict.
       ValueError: for keys that are not non-negative integers, weights that are negative
-        or not finite, labels that are neither integer nor one-hot, or a class that
-        never occurs in ``y``.
+        or not finite, labels that are neither integer nor one-hot, or (with
+        ``require_present``) a class that never occurs in ``y``.
 
     >>> class_weights_for(np.array([0, 1, 1]), {1: 2.0})
     array([1., 2., 2.], dtype=float32)
@@ -346,7 +498,7 @@ def class_weights_for(y: np.ndarray, class_weight: Mapping[int, float]) -> np.nd
     labels = _class_labels(np.asarray(y))
     present = set(np.unique(labels).tolist())
     absent = sorted(c for c in table if c not in present)
-    if absent:
+    if absent and require_present:
         raise ValueError(
             f"Expected `class_weight` to name classes that occur in `y` "
             f"({sorted(present)}). Received weights for absent classes {absent}."
@@ -357,13 +509,22 @@ def class_weights_for(y: np.ndarray, class_weight: Mapping[int, float]) -> np.nd
     return weights[labels]
 
 
-def row_weights(n: int, y: PyTree, sample_weight: Any, class_weight: Mapping | None) -> Any:
+def row_weights(
+    n: int,
+    y: PyTree,
+    sample_weight: Any,
+    class_weight: Mapping | None,
+    require_present: bool = True,
+    name: str = "sample_weight",
+) -> Any:
     """``sample_weight * class_weight[y]`` as float32 weights of ``n`` rows.
 
     ``sample_weight`` is one weight per row ``[n]``, or per element of the targets
     ``[n, ...]`` (a ``[batch, seq]`` token mask for a language model), which the losses
     and mean metrics then use per token. A dict (or list) of such weights, one per output
     of a multi-output model, gives ``{output name: weights}`` (see ``hkfit._outputs``).
+    ``require_present`` is passed to :func:`class_weights_for`; ``name`` is what
+    ``sample_weight`` is called in error messages.
     """
     per_output = outputs_lib.named_weights(sample_weight)
     if per_output:
@@ -375,20 +536,16 @@ def row_weights(n: int, y: PyTree, sample_weight: Any, class_weight: Mapping | N
                 f"{sorted(per_output)}."
             )
         return {
-            name: row_weights(n, None, w, None).astype(np.float32) for name, w in per_output.items()
+            out: row_weights(n, None, w, None, name=f"{name}[{out!r}]").astype(np.float32)
+            for out, w in per_output.items()
         }
     weights = np.ones(n, np.float32)
     if sample_weight is not None and per_output is None:
-        sample_weight = np.asarray(sample_weight, np.float32)
+        sample_weight = checked_weights(sample_weight, name)
         if sample_weight.ndim == 0 or sample_weight.shape[0] != n:
             raise ValueError(
-                f"Expected `sample_weight` of shape ({n},), one weight per row, or ({n}, ...) "
+                f"Expected `{name}` of shape ({n},), one weight per row, or ({n}, ...) "
                 f"per token. Received: shape {sample_weight.shape}."
-            )
-        if (sample_weight < 0).any() or not np.isfinite(sample_weight).all():
-            raise ValueError(
-                "Expected `sample_weight` to hold finite values >= 0. "
-                f"Received: min={sample_weight.min()}."
             )
         weights = sample_weight.copy()
     if class_weight is not None:
@@ -397,9 +554,36 @@ def row_weights(n: int, y: PyTree, sample_weight: Any, class_weight: Mapping | N
                 "`class_weight` needs `y` to be one array of class labels. "
                 f"Received: y of type {type(y).__name__}."
             )
-        per_row = class_weights_for(y, class_weight)
+        per_row = class_weights_for(y, class_weight, require_present)
         weights = weights * per_row.reshape(per_row.shape + (1,) * (weights.ndim - 1))
     return weights
+
+
+def checked_weights(weights: Any, name: str) -> np.ndarray:
+    """``weights`` as float32, checked to be finite numbers >= 0.
+
+    The values are checked before the cast, so a float64 weight beyond float32's range is
+    refused rather than turned into Inf.
+
+    Raises:
+      TypeError: for weights that are not numbers.
+      ValueError: for negative, NaN or infinite weights.
+    """
+    host = np.asarray(weights)
+    if host.dtype != bool and not jnp.issubdtype(host.dtype, jnp.number):
+        raise TypeError(f"Expected `{name}` to hold numbers >= 0. Received: dtype {host.dtype}.")
+    if jnp.issubdtype(host.dtype, jnp.complexfloating):
+        raise TypeError(f"Expected real `{name}`. Received: dtype {host.dtype}.")
+    wide = host.astype(np.float64)
+    bad = ~np.isfinite(wide) | (wide < 0) | (wide > np.finfo(np.float32).max)
+    if bad.any():
+        first = tuple(np.argwhere(bad)[0]) if wide.ndim else ()
+        raise ValueError(
+            f"Expected `{name}` to hold finite values >= 0 (a negative weight would train "
+            f"the model away from its targets). Received: {wide[first]} at "
+            f"{name}[{', '.join(map(str, first))}]."
+        )
+    return host.astype(np.float32)
 
 
 def epoch_order(
@@ -496,11 +680,11 @@ def batch_weights(w: Any, n: int) -> Any:
         return np.ones(n, np.float32)
     if per_output:
         return {name: batch_weights(v, n) for name, v in per_output.items()}
-    w = np.asarray(w, np.float32)
+    w = checked_weights(w, "sample_weight")
     if w.ndim == 0 or w.shape[0] != n:
         raise ValueError(
-            f"Expected the sample weights of a batch to have {n} rows, one per example. "
-            f"Received: shape {w.shape}."
+            f"Expected the sample weights of a batch (`sample_weight`, its third item) to "
+            f"have {n} rows, one per example. Received: shape {w.shape}."
         )
     return w.reshape(n) if w.size == n else w
 

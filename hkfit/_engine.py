@@ -64,8 +64,9 @@ class Executor:
       mode: which hooks to fire.
       pacer: sizes the executions (``hkfit._pacing.Pacer``).
       read_logs: metric-state carry -> dict of floats, or None (prediction).
-      commit: called with the carry after every execution (fit publishes the train
-        state there, so callbacks see the current parameters).
+      commit: called with the carry and the number of the segment's batches done (the
+        index of the next batch) after every execution: fit publishes the train state
+        and its position in the epoch there, so callbacks see the current parameters.
       should_stop: checked before every execution (``model.stop_training``).
       progress: a progress bar is shown: read logs at most every ``REFRESH_SECONDS``.
       logs_of: the metric states inside a carry (default: the carry itself).
@@ -80,7 +81,7 @@ class Executor:
         pacer: Any,
         *,
         read_logs: Callable[[Any], dict] | None = None,
-        commit: Callable[[Any], None] | None = None,
+        commit: Callable[[Any, int], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         progress: bool = False,
         logs_of: Callable[[Any], Any] = lambda carry: carry,
@@ -113,14 +114,19 @@ class Executor:
             start = 0
             while start < segment.num_batches and not self.should_stop():
                 remaining = segment.num_batches - start
-                count = self.pacer.next(remaining) if segment.fusable else 1
+                count = self.pacer.next(remaining)
+                run = segment.run
+                if self.pacer.single and segment.single is not None:
+                    run = segment.single  # "auto" chose (or is timing) one loop-free step
+                if not segment.fusable or run is segment.single:
+                    count = min(count, 1)
                 index = segment.first + start
                 begin(index, {})
                 if self.load is not None:
                     carry = self.load(carry)
-                carry = segment.run(carry, start, count)
+                carry = run(carry, start, count)
                 if self.commit is not None:
-                    self.commit(carry)
+                    self.commit(carry, index + count)
                 self.pacer.done(count, self.logs_of(carry), timed=segment.timed)
                 self.batches += count
                 end(index + count - 1, self._batch_logs(carry, segment, start, count))

@@ -22,6 +22,7 @@ zero-weight-padded last batch trains exactly like the short one and joins the fu
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any, NamedTuple
@@ -35,6 +36,8 @@ from hkfit import _data as data_lib
 from hkfit.step import Batch
 
 CHUNK_BYTES = 8 << 20
+#: Training arrays up to this size are padded to a bucketed row count (see `bucket`).
+BUCKET_MAX_BYTES = 64 << 20
 
 
 class Segment(NamedTuple):
@@ -49,6 +52,8 @@ class Segment(NamedTuple):
       timed: whether its executions are representative for pacing (an odd-shaped last
         batch compiles on first use, so it is not).
       outputs: for prediction, ``(carry, start, count) -> outputs`` of those batches.
+      single: a loop-free compiled function running the one batch ``start`` (``count``
+        is 1), which ``"auto"`` pacing may prefer to the fused ``run``.
     """
 
     first: int
@@ -57,6 +62,33 @@ class Segment(NamedTuple):
     fusable: bool = True
     timed: bool = True
     outputs: Callable[[Any, int, int], Any] | None = None
+    single: Callable[[Any, int, int], Any] | None = None
+
+
+def skip(segments: Iterable[Segment], count: int) -> list[Segment]:
+    """``segments`` without their first ``count`` batches (to resume inside an epoch)."""
+    kept = []
+    for segment in segments:
+        if count >= segment.num_batches:
+            count -= segment.num_batches
+            continue
+        if count:
+            segment = segment._replace(
+                first=segment.first + count,
+                num_batches=segment.num_batches - count,
+                run=_shifted(segment.run, count),
+                single=None if segment.single is None else _shifted(segment.single, count),
+            )
+            count = 0
+        kept.append(segment)
+    return kept
+
+
+def _shifted(run: Callable[[Any, int, int], Any], offset: int) -> Callable[[Any, int, int], Any]:
+    def shifted(carry: Any, start: int, count: int) -> Any:
+        return run(carry, start + offset, count)
+
+    return shifted
 
 
 def split_validation(data: Batch, fraction: float) -> tuple[Batch, Batch]:
@@ -77,6 +109,54 @@ def split_validation(data: Batch, fraction: float) -> tuple[Batch, Batch]:
 
 
 # --- Training ---------------------------------------------------------------------------
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def bucket(n: int) -> int:
+    """The smallest of 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ... (``c * 2**k``, c in 4..7) >= n.
+
+    Training arrays are padded to this many rows, and the epoch's row order to this
+    many batches, so that fits on many dataset sizes (cross-validation folds, growing
+    buffers, active learning) share a few compilations: at most four per doubling of
+    the size, for at most 25% more rows. Datasets over ``BUCKET_MAX_BYTES`` are not
+    padded: their epochs take far longer than a compilation.
+    """
+    if n <= 4:
+        return max(n, 1)
+    k = (n - 1).bit_length() - 3  # n - 1 < 8 * 2**k
+    return -(-n // 2**k) * 2**k
+
+
+def pad_rows(data: Batch, rows: int) -> Batch:
+    """``data`` with copies of its last row appended up to ``rows`` rows, weighted 0.
+
+    The training step never gathers them as real rows: a batch reads them only through
+    the out-of-range padding index, with weight and mask 0. They are copies of a real
+    row, so a forward that misbehaves on zeros (a log, a division) stays finite there.
+    """
+    n = data_lib.num_rows(data.x, "x")
+    if rows == n:
+        return data
+    extra = rows - n
+
+    def repeat_last(a):
+        a = np.asarray(a)
+        return np.concatenate([a, np.repeat(a[-1:], extra, axis=0)])
+
+    def zeros(a):
+        a = np.asarray(a)
+        return np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)])
+
+    mask = data.mask if data.mask is not None else np.ones(n, np.float32)
+    return Batch(
+        jax.tree_util.tree_map(repeat_last, data.x),
+        jax.tree_util.tree_map(repeat_last, data.y),
+        jax.tree_util.tree_map(zeros, data.weights),
+        jax.tree_util.tree_map(zeros, mask),
+    )
 
 
 class TrainArrays:
@@ -114,13 +194,26 @@ class TrainArrays:
         if steps_per_epoch is not None and steps_per_epoch < self.num_full + self.has_tail:
             self.num_full, self.has_tail = steps_per_epoch, False
         self.steps: int | None = self.num_full + self.has_tail
-        self.data = layout.place_rows(data)
+        # rows on the device: a few shapes serve many sizes (small datasets only, where a
+        # padded host copy costs little and compilation dominates a fit)
+        small = _nbytes(data) <= BUCKET_MAX_BYTES
+        self.rows = bucket(self.n) if small else self.n
+        self.data = layout.place_rows(pad_rows(data, self.rows))
         self.exhausted = False
 
     def segments(
-        self, program: Any, ts: Any, key: jax.Array, epoch_index: int, fused: bool
+        self,
+        program: Any,
+        ts: Any,
+        key: jax.Array,
+        epoch_index: int,
+        fused: bool,
+        single: bool = False,
     ) -> list[Segment]:
-        """The epoch's segments; the carry is ``(train_state, logs)``."""
+        """The epoch's segments; the carry is ``(train_state, logs)``.
+
+        ``single``: also offer a loop-free one-step function (``Segment.single``).
+        """
         pad = (
             self.has_tail
             and fused
@@ -139,15 +232,35 @@ class TrainArrays:
         )
         if not self.has_tail:
             tail = None  # steps_per_epoch cut the epoch before the leftover rows
+        num_batches = len(full)
+        full = np.where(full >= self.n, self.rows, full)  # padding: past the padded rows
+        full = np.concatenate(  # never-run batches: one shape serves many batch counts
+            [full, np.full((bucket(num_batches) - num_batches, self.batch_size), self.rows)]
+        ).astype(np.int32)
         full, tail = self.layout.place_state((full, tail))
         fn = program.train_run(ts, fused, self.accumulation)
+        one = program.train_run(ts, False, self.accumulation) if single and fused else None
 
-        def runner(idx):
-            return lambda carry, start, count: fn(*carry, self.data, idx, start, count)
+        def runner(idx, f=fn):
+            return lambda carry, start, count: f(*carry, self.data, idx, start, count)
 
-        segments = [Segment(0, self.num_full + pad, runner(full), fusable=fused)]
+        def single_runner(idx):
+            return None if one is None else runner(idx, one)
+
+        segments = [
+            Segment(0, self.num_full + pad, runner(full), fusable=fused, single=single_runner(full))
+        ]
         if tail is not None:
-            segments.append(Segment(self.num_full, 1, runner(tail), fusable=fused, timed=False))
+            segments.append(
+                Segment(
+                    self.num_full,
+                    1,
+                    runner(tail),
+                    fusable=fused,
+                    timed=False,
+                    single=single_runner(tail),
+                )
+            )
         return segments
 
 
@@ -182,38 +295,71 @@ class Batches:
             math.ceil(len(source) / group) if isinstance(source, Sized) else None
         )
         self._shared = iter(source) if (steps is not None and shared) else None
+        self._restore: Any = None
         self.exhausted = False
 
-    def open(self, steps: int | None = None) -> Pass:
-        """One pass: a prefetching iterator of device batches, ``.first`` peeked."""
+    def restore(self, state: Any) -> None:
+        """Makes the next pass's iterator continue from ``state`` (see :meth:`open`)."""
+        self._restore = state
+
+    def open(self, steps: int | None = None, offset: int = 0) -> Pass:
+        """One pass: a prefetching iterator of device batches, ``.first`` peeked.
+
+        ``offset`` steps of the pass were run before (a resumed epoch): the pass reads
+        the rest and numbers its batches from ``offset``. An iterator with ``get_state``
+        / ``set_state`` (a grain iterator) is first set to the state given to
+        :meth:`restore`, and the pass tracks its state after each batch it hands out.
+        """
         iterator = self._shared if self._shared is not None else iter(self.source)
+        if self._restore is not None and hasattr(iterator, "set_state"):
+            iterator.set_state(self._restore)
+        self._restore = None
         limit = self.steps_per_pass if steps is None else steps
-        limit = None if limit is None else limit * self.group
-        return Pass(data_lib.Prefetcher(data_lib.iterate(iterator, limit), self.convert))
+        limit = None if limit is None else max(limit - offset, 0) * self.group
+        states: collections.deque | None = None
+        items: Iterator = data_lib.iterate(iterator, limit)
+        if hasattr(iterator, "get_state"):
+            states = collections.deque()
+            items = _recording_states(items, iterator, states)
+        return Pass(data_lib.Prefetcher(items, self.convert), offset, states)
+
+
+def _recording_states(items: Iterator, iterator: Any, states: collections.deque) -> Iterator:
+    """Yields ``items``, appending ``iterator.get_state()`` after each to ``states``."""
+    for item in items:
+        states.append(iterator.get_state())
+        yield item
 
 
 class Pass:
     """The device batches of one pass over an iterable, with the first one peeked."""
 
-    def __init__(self, batches: Iterator):
+    def __init__(self, batches: Iterator, offset: int = 0, states: collections.deque | None = None):
         self._batches = batches
+        self._states = states
+        self.offset = offset
+        self.state: Any = None  # the iterator's state after the last batch handed out
         self.first = next(batches, None)
         self.count = 0
+
+    def _handed_out(self, batch: Any) -> Any:
+        self.count += 1
+        if self._states:
+            self.state = self._states.popleft()
+        return batch
 
     def __iter__(self) -> Iterator:
         if self.first is not None:
             first, self.first = self.first, None
-            self.count += 1
-            yield first
+            yield self._handed_out(first)
         for batch in self._batches:
-            self.count += 1
-            yield batch
+            yield self._handed_out(batch)
 
     def segments(
         self, step: Callable[[Any, Any, int], Any], outputs: Callable | None = None
     ) -> Iterator[Segment]:
         """One segment per batch: ``step(carry, batch, index) -> carry``."""
-        for i, batch in enumerate(self):
+        for i, batch in enumerate(self, self.offset):
 
             def run(carry: Any, _start: int, _count: int, b: Any = batch, i: int = i) -> Any:
                 return step(carry, b, i)
@@ -226,7 +372,7 @@ class Pass:
         Each segment runs ``step(carry, batches) -> carry`` on its tuple of batches.
         """
         group: list = []
-        index = 0
+        index = self.offset
 
         def segment(batches: tuple, i: int) -> Segment:
             def run(carry: Any, _start: int, _count: int) -> Any:

@@ -290,7 +290,9 @@ class Program:
         """The pacer of ``kind`` (kept across calls: it remembers its timing)."""
         key = (kind, steps_per_execution, fuse_auto)
         if key not in self._pacers:
-            self._pacers[key] = _pacing.Pacer(steps_per_execution, fuse_auto=fuse_auto)
+            self._pacers[key] = _pacing.Pacer(
+                steps_per_execution, fuse_auto=fuse_auto, compare=kind == "train"
+            )
         return self._pacers[key]
 
 

@@ -21,7 +21,9 @@ from hkfit import _data as data_lib
 from hkfit import _eager as eager
 from hkfit import _engine as engine
 from hkfit import _feeds as feeds
+from hkfit import _position as position_lib
 from hkfit._pacing import Pacer
+from hkfit._position import Position
 from hkfit._program import Program
 from hkfit.callbacks.base import CallbackList
 from hkfit.callbacks.progress import ProgressBar
@@ -44,6 +46,11 @@ class Context(NamedTuple):
       shuffle_key: the key epoch orders are drawn from.
       eval_params: () -> the params inference runs with (a schedule-free optimizer's
         evaluation params; the train state's own otherwise). Called once per run.
+      labels: ``(y, name="y") -> y``: checks the labels of a built model against its
+        outputs (sparse class indices in range) and squeezes ``[n, 1]`` sparse labels.
+      set_position: publishes where the running epoch stands (a
+        :class:`hkfit._position.Position`, with device metric states), after every
+        execution; a save made then can resume at the next batch.
     """
 
     layout: Any
@@ -55,6 +62,8 @@ class Context(NamedTuple):
     example: Callable[[], Any]
     shuffle_key: jax.Array
     eval_params: Callable[[], Any]
+    set_position: Callable[[Any], None] = lambda position: None
+    labels: Callable[..., Any] = lambda y, name="y": y
 
 
 def _current_program(context: Context) -> Program:
@@ -107,14 +116,20 @@ def fit_feeds(
     sample_weight: Any,
     validation_data: Any,
     check_inputs: bool,
-) -> tuple[Any, Any]:
-    """The training feed and the validation feed (or None) of one ``fit``."""
+) -> tuple[Any, Any, _args.FitArgs]:
+    """The training feed, the validation feed (or None) and the args of one ``fit``.
+
+    Every input is checked here, before any step: the arrays, their labels against the
+    model's outputs, the weights and ``validation_data``. The returned args hold the
+    batch size that is used: at most the number of training rows (as ``evaluate`` caps
+    it), so a huge ``batch_size`` costs no memory.
+    """
     if _args.is_iterable_input(x, y):
         _args.check_iterable_args(y, sample_weight, class_weight, args.validation_split)
         train: Any = feeds.Batches(
             x,
             args.steps_per_epoch,
-            context.layout.device_batch,
+            checked_batches(context, context.layout.device_batch, train=True),
             group=args.gradient_accumulation_steps,
         )
     else:
@@ -122,17 +137,19 @@ def fit_feeds(
             raise ValueError("Expected targets `y` for array inputs `x`. Received: y=None.")
         context.layout.local_batch_size(args.batch_size)  # refused before building
         x, y, n = data_lib.checked_arrays(x, y, check_inputs)
+        context.build(x, y, train=True)
+        y = context.labels(y)
         weights = data_lib.row_weights(n, y, sample_weight, None)
         data = Batch(x, y, weights, data_lib.metric_mask(weights))
         if args.validation_split:
             data, split = feeds.split_validation(data, args.validation_split)
             validation_data = (split.x, split.y, split.weights)
+        rows = data_lib.num_rows(data.x, "x")
         if class_weight is not None:
-            rows = data_lib.num_rows(data.x, "x")
             data = data._replace(
                 weights=data.weights * data_lib.row_weights(rows, data.y, None, class_weight)
             )
-        context.build(data.x, data.y, train=True)
+        args = args._replace(batch_size=_capped_batch_size(context, args.batch_size, rows))
         train = feeds.TrainArrays(
             data,
             args.batch_size,
@@ -153,7 +170,45 @@ def fit_feeds(
             resident=True,
             name="validation_data",
         )
-    return train, val
+    return train, val, args
+
+
+def _capped_batch_size(context: Context, batch_size: int, rows: int) -> int:
+    """``batch_size``, or the smallest size >= ``rows`` the layout takes if that is less.
+
+    One batch of all the rows trains exactly like a larger batch padded with nothing,
+    and does not allocate a row order of ``batch_size`` indices.
+    """
+    if batch_size <= rows:
+        return batch_size
+    for size in range(rows, batch_size):
+        try:
+            context.layout.local_batch_size(size)
+        except ValueError:
+            continue
+        return size
+    return batch_size
+
+
+def checked_batches(
+    context: Context, convert: Callable, *, train: bool = False, name: str = "x"
+) -> Callable:
+    """``convert`` of an iterable's batches, after the checks that arrays get.
+
+    Each ``(x, y[, w])`` batch is checked on the host before it is converted (two batches
+    ahead of the step that uses it): numeric inputs with the model's input spec, labels
+    in range of the model's outputs (``[n, 1]`` sparse labels squeezed), and weights.
+    """
+
+    def checked(batch: Any) -> Any:
+        x, y, w = data_lib.split_batch(batch)
+        x, y = data_lib.to_numpy(x, name), data_lib.to_numpy(y, name)
+        if y is not None:
+            context.build(x, y, train=train, name=name)
+            y = context.labels(y, "y" if name == "x" else name)
+        return convert((x, y) if w is None else (x, y, w))
+
+    return checked
 
 
 def train_epoch(
@@ -164,22 +219,38 @@ def train_epoch(
     epoch: int,
     epoch_index: int,
     should_stop: Callable[[], bool],
+    start: Position | None = None,
 ) -> dict | None:
     """Runs epoch ``epoch``; None when the data ran out before it started.
 
     ``epoch_index`` counts the epochs the model has trained: the shuffle order's index.
+    ``start`` resumes the epoch after ``start.batch`` batches, with its metric states
+    (JSON, restored when they fit this program) and its iterator state.
     """
+    skipped = 0 if start is None else start.batch
     steps_per_execution = engine.steps_per_execution_for(
         cbs, engine.TRAIN, args.steps_per_execution
     )
     if isinstance(train, feeds.TrainArrays):
         program = _current_program(context)
         pacer = _pacer(context, program, "train", steps_per_execution)
-        segments: Any = train.segments(
-            program, context.get_state(), context.shuffle_key, epoch_index, pacer.fused
+        if train.steps is not None:  # what is left of this fit, to judge a probe's cost
+            pacer.expect((args.epochs - epoch) * train.steps - skipped)
+        segments: Any = feeds.skip(
+            train.segments(
+                program,
+                context.get_state(),
+                context.shuffle_key,
+                epoch_index,
+                pacer.fused,
+                pacer.compare,
+            ),
+            skipped,
         )
     else:
-        batches = train.open()
+        if start is not None and start.iterator is not None:
+            train.restore(start.iterator)
+        batches = train.open(offset=skipped)
         if batches.first is None:
             if not context.built():
                 raise ValueError(
@@ -197,20 +268,29 @@ def train_epoch(
             step = program.train_step(context.get_state())
             segments = batches.segments(lambda carry, b, _i: step(carry[0], carry[1], Batch(*b)))
         pacer = Pacer(1)
+
+    def publish(carry: Any, done: int) -> None:
+        context.set_state(carry[0])
+        iterator = None if isinstance(train, feeds.TrainArrays) else batches.state
+        context.set_position(Position(epoch, done, carry[1], iterator))
+
+    logs = program.empty_logs(train=True)
+    if start is not None and start.logs:
+        logs = position_lib.restore_logs(start.logs, logs) or logs
     executor = engine.Executor(
         cbs,
         engine.TRAIN,
         pacer,
         read_logs=program.read_train_logs,
-        commit=lambda carry: context.set_state(carry[0]),
+        commit=lambda carry, done: publish(carry, done),
         should_stop=should_stop,
         progress=args.verbose == 1,
         logs_of=lambda carry: carry[1],
         load=lambda carry: (context.get_state(), carry[1]),
     )
-    _, logs = executor.run(segments, (context.get_state(), program.empty_logs(train=True)))
+    _, logs = executor.run(segments, (context.get_state(), logs))
     wanted = getattr(train, "steps_per_pass", None)
-    if wanted is not None and executor.batches < wanted and not should_stop():
+    if wanted is not None and skipped + executor.batches < wanted and not should_stop():
         warnings.warn(
             f"The iterable ran out after {executor.batches} of {wanted} steps in epoch "
             f"{epoch + 1}; training stops here and keeps every completed step. Make it "
@@ -244,25 +324,52 @@ def eval_feed(
     resident: bool,
     name: str = "x",
 ) -> Any:
-    """Arrays (``(x, y[, w])`` tuples too, as ``validation_data`` is) or an iterable."""
-    if (
-        y is None
-        and isinstance(x, tuple)
-        and len(x) in (2, 3)
-        and all(d is None or data_lib.is_array_tree(d) for d in x)
-    ):
+    """Arrays (``(x, y[, w])`` tuples or lists too, as ``validation_data`` is) or an iterable.
+
+    Arrays are checked (rows, values, input spec, labels, weights) before any step; an
+    iterable's batches as they are read (see :func:`checked_batches`). Errors name ``name``.
+    """
+    names: tuple[str, ...] = ("x", "y", "sample_weight")
+    if y is None and _is_data_tuple(x):
         x, y, sample_weight = (*x, None)[:3]
+        names = tuple(f"{name}[{i}]" for i in range(3)) if name != "x" else names
+    elif name != "x" and (isinstance(x, dict) or data_lib.is_array(x)):
+        raise ValueError(
+            f"Expected `{name}` to be a tuple (x, y) or (x, y, sample_weight) of arrays, or "
+            f"an iterable of such batches. Received: {type(x).__name__}."
+        )
     if y is None:
         if isinstance(x, dict) or data_lib.is_array(x):
             raise ValueError(
                 f"Expected targets `y` to evaluate array inputs `{name}`. Received: y=None."
             )
-        return feeds.Batches(x, None, context.layout.device_batch, name=name)
-    x, y, n = data_lib.checked_arrays(x, y, check_inputs)
-    context.build(x, y)
-    weights = data_lib.row_weights(n, y, sample_weight, None)
+        if sample_weight is not None:
+            raise ValueError(
+                f"Expected `sample_weight=None` with an iterable `{name}`: its batches carry "
+                "their own weights as (x, y, sample_weight), as in Keras. Received: "
+                f"sample_weight of type {type(sample_weight).__name__}."
+            )
+        convert = checked_batches(context, context.layout.device_batch, name=name)
+        return feeds.Batches(x, None, convert, name=name)
+    x, y, n = data_lib.checked_arrays(x, y, check_inputs, (names[0], names[1]))
+    context.build(x, y, name=names[0])
+    y = context.labels(y, names[1])
+    weights = data_lib.row_weights(n, y, sample_weight, None, name=names[2])
     data = Batch(x, y, weights, data_lib.metric_mask(weights))
     return feeds.EvalArrays(data, batch_size, context.layout, resident=resident)
+
+
+def _is_data_tuple(data: Any) -> bool:
+    """Whether ``data`` is ``(x, y[, w])`` arrays rather than an iterable of batches.
+
+    A tuple or a list (as Keras takes ``validation_data``) of 2 or 3 array pytrees; a
+    list whose items are all ``(x, y[, w])`` tuples is a list of batches.
+    """
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+        return False
+    if isinstance(data, list) and all(isinstance(d, tuple) and len(d) in (2, 3) for d in data):
+        return False
+    return all(d is None or data_lib.is_array_tree(d) for d in data)
 
 
 def steps_of(feed: Any, steps: int | None) -> int | None:
@@ -304,10 +411,18 @@ def evaluate(
 # --- predict -------------------------------------------------------------------------
 
 
-def _input_batch(batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)):  # (x, y[, w]) batches: keep x
-        batch = batch[0]
-    return jax.device_put(data_lib.to_numpy(batch))
+def _input_batches(context: Context) -> Callable[[Any], Any]:
+    """The conversion of an iterable's input batches, each checked like array inputs."""
+
+    def convert(batch: Any) -> Any:
+        if isinstance(batch, (tuple, list)):  # (x, y[, w]) batches: keep x
+            batch = batch[0]
+        data_lib.check_present(batch, "x")
+        batch = data_lib.to_numpy(batch)
+        context.build(batch)
+        return jax.device_put(batch)
+
+    return convert
 
 
 def predict(
@@ -337,7 +452,7 @@ def predict(
         result = collector.finish()
         cbs.on_predict_end({})
         return result
-    batches = feeds.Batches(x, steps, _input_batch).open()
+    batches = feeds.Batches(x, steps, _input_batches(context)).open()
     if batches.first is None:
         raise ValueError("Expected at least one batch to predict. Received: an empty iterable.")
     program = context.build(batches.first)
@@ -359,9 +474,15 @@ def predict(
 def _one_batch(
     context: Context, x: Any, y: Any, sample_weight: Any, class_weight: Any, train: bool
 ) -> tuple[Program, Batch]:
-    x, y, n = data_lib.checked_arrays(x, y, check_inputs=False)
+    """The checked batch on the device; ``class_weight`` may name classes it lacks.
+
+    A training batch is checked for NaN/Inf as ``fit`` checks its arrays: one bad value
+    would make every parameter NaN.
+    """
+    x, y, n = data_lib.checked_arrays(x, y, check_inputs=train)
     program = context.build(x, y, train=train)
-    weights = data_lib.row_weights(n, y, sample_weight, class_weight)
+    y = context.labels(y)
+    weights = data_lib.row_weights(n, y, sample_weight, class_weight, require_present=False)
     return program, Batch(*context.layout.device_batch((x, y, weights)))
 
 
@@ -382,6 +503,7 @@ def test_on_batch(context: Context, x: Any, y: Any, sample_weight: Any) -> dict[
 
 
 def predict_on_batch(context: Context, x: Any) -> Any:
+    data_lib.check_present(x, "x")
     x = data_lib.to_numpy(x)
     program = context.build(x)
     params, state = context.eval_params(), context.get_state().state

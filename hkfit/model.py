@@ -30,6 +30,7 @@ from hkfit import _engine as engine
 from hkfit import _export as export_lib
 from hkfit import _forward as forward_lib
 from hkfit import _outputs as outputs_lib
+from hkfit import _position as position_lib
 from hkfit import _precision as precision_lib
 from hkfit import _runs as runs
 from hkfit import _saving as saving
@@ -41,7 +42,9 @@ from hkfit import optimizers as optimizers_lib
 from hkfit import regularizers as regularizers_lib
 from hkfit import step as step_lib
 from hkfit._layout import SingleDevice
+from hkfit._position import Position
 from hkfit._program import Program, zeros_like_spec
+from hkfit._snapshot import Snapshot
 from hkfit.step import Batch, TrainState
 
 
@@ -91,6 +94,64 @@ def _eager_if_asked(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
 
     return run
+
+
+# What a call may set while it builds the model, restored when it fails before a step.
+_BUILD_FIELDS = (
+    "_input_spec",
+    "_metrics",
+    "_program",
+    "_train_metrics",
+    "_sparse",
+    "_warned_logits",
+    "history",
+    "stop_training",
+    "initial_epoch",
+    "_epoch_logs",
+)
+
+# Floating-point input types too narrow to initialize params in (Haiku takes the params'
+# dtype from the input's): the init runs on a float32 view of them instead.
+_LOW_PRECISION = (np.dtype(np.float16), np.dtype(jnp.bfloat16))
+
+
+def _transactional(method: Callable) -> Callable:
+    """Leaves the model as it was when ``method`` fails before it commits a step.
+
+    A fresh model stays fresh (no params, no input spec, no metrics), so a call with bad
+    inputs never fixes the shapes a later, good call is checked against.
+    """
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        saved = {name: getattr(self, name) for name in _BUILD_FIELDS}
+        checked, ts = set(self._checked), self._slot.ts
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            if self._slot.ts is ts or (ts is None and self._slot.ts is self._initial_ts):
+                self.__dict__.update(saved)
+                self._checked, self._slot.ts = checked, ts
+            raise
+
+    return run
+
+
+def _replaced(tree: Any, head: Any, value: Any) -> Any:
+    """``tree`` (a dict, tuple or list of outputs) with ``head``'s entry set to ``value``."""
+    if isinstance(tree, dict):
+        key = head.key if head.key in tree else head.name
+        return {**tree, key: value}
+    items = list(tree)
+    items[head.key] = value
+    return type(tree)(items) if isinstance(tree, tuple) else items
+
+
+def _init_view(x: Any) -> Any:
+    """``x`` with float16/bfloat16 leaves as float32, for the params' initialization."""
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(np.float32) if a.dtype in _LOW_PRECISION else a, x
+    )
 
 
 class Model:
@@ -270,6 +331,8 @@ class Model:
         self._input_spec: Any = None
         self._program: Program | None = None
         self._checked: set = set()
+        self._sparse: list = []  # (head, classes, output axes, ignore_class) of sparse losses
+        self._initial_ts: TrainState | None = None  # the state `init` created
         self._warned_logits = False
         self.history = callbacks_lib.History()
         self.stop_training = False
@@ -277,6 +340,10 @@ class Model:
         self.initial_epoch = 0  # during fit: the first epoch (a callback may raise it)
         self._epochs_trained = 0  # epochs run over the model's life: the shuffle index
         self._epoch_logs: tuple[int, dict] | None = None  # of fit's current epoch
+        self.initial_batch = 0  # during fit: batches of the first epoch already trained
+        self.resume_point: tuple[int, int] | None = None  # see `load`
+        self._position: Position | None = None  # of fit's running epoch
+        self._resume: Position | None = None  # of the last loaded checkpoint
 
     # --- State --------------------------------------------------------------------------
 
@@ -447,53 +514,94 @@ class Model:
         inner._slot = self._slot  # the view reads and writes the parent's train state
         return multiview_lib.ModelView(self, inner, in_axes, out_axes)
 
+    @_transactional
     def init(self, x: Any) -> Model:
         """Creates parameters, state and optimizer state from an example batch ``x``.
 
-        Does nothing if the model already has parameters.
+        Does nothing if the model already has parameters. If it fails, the model is left
+        without parameters, as it was.
+
+        Input dtypes: the params take the dtype Haiku gives them from ``x``, except for
+        float16 and bfloat16 inputs, whose float32 view initializes the params (float16
+        params turn NaN after a few optimizer steps; ``precision=`` is the way to compute
+        in half precision). Integer inputs are passed as they are, since they may be
+        token ids for ``hk.Embed``; integer, uint8 or bool inputs that a layer cannot
+        take (``hk.Linear``, ``hk.Conv2D``) raise a TypeError naming ``x`` that suggests
+        a float conversion such as ``x.astype(np.float32) / 255``. Complex inputs build
+        a complex model, which later calls then accept.
+
+        Args:
+          x: an example batch, an array or a pytree of arrays with the batch on axis 0.
+
+        Returns:
+          The model itself.
+
+        Raises:
+          ValueError: for ``None``, an empty container or arrays without rows.
+          TypeError: for non-numeric inputs, or inputs the forward's layers cannot take.
         """
+        if self._slot.ts is not None and self._input_spec is not None:
+            return self
+        data_lib.check_present(x, "x")
         x = data_lib.to_numpy(x)
+        rows = data_lib.num_rows(x, "x")
+        if rows == 0:
+            raise ValueError("Expected at least one row in `x` to initialize. Received: 0 rows.")
         if self._input_spec is None:
             self._input_spec = jax.tree_util.tree_map(
                 lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype), x
             )
         if self._slot.ts is None:
-            sample = data_lib.take_rows(x, 0, min(8, data_lib.num_rows(x, "x")))
-            if eager.active():  # op by op: the forward may read values
-                params, state = self._forward.init(self._stream(_INIT), sample)
-            else:
-                params, state = _compat.run_compiled_once(
-                    self._forward.init, self._stream(_INIT), sample
-                )
+            sample = _init_view(data_lib.take_rows(x, 0, min(8, rows)))
+            params, state = self._init_params(sample)
             opt_state = self.optimizer.init(params)
-            self._slot.ts = self._layout.place_state(
+            self._slot.ts = self._initial_ts = self._layout.place_state(
                 TrainState(params, state, opt_state, self._stream(_TRAIN), jnp.zeros((), jnp.int32))
             )
         return self
 
-    def _build(self, x: Any, y: Any = None, train: bool = False) -> Program:
-        """Initializes if needed and checks ``x`` (and ``y``) once per input structure."""
+    def _init_params(self, sample: Any) -> tuple[Any, Any]:
+        """The forward's params and state for ``sample``; clear errors for unusable dtypes."""
+        try:
+            if eager.active():  # op by op: the forward may read values
+                return self._forward.init(self._stream(_INIT), sample)
+            return _compat.run_compiled_once(self._forward.init, self._stream(_INIT), sample)
+        except (TypeError, ValueError) as e:
+            if "not inexact" not in str(e):
+                raise
+            dtypes = sorted({str(a.dtype) for a in jax.tree_util.tree_leaves(sample)})
+            raise TypeError(
+                "Expected floating-point `x` for this forward: its layers need inexact "
+                f"inputs ({e}). Received: x of dtype {', '.join(dtypes)}. Convert it, e.g. "
+                "x.astype(np.float32) / 255 for uint8 images, x.astype(np.float32) for "
+                "bool or integer features (token ids belong in hk.Embed)."
+            ) from e
+
+    def _build(self, x: Any, y: Any = None, train: bool = False, name: str = "x") -> Program:
+        """Initializes if needed and checks ``x`` (and ``y``) once per input structure.
+
+        ``name`` is what ``x`` is called in error messages (``"validation_data"``).
+        """
+        data_lib.check_numeric(x, name, allow_complex=self._complex_inputs())
+        fresh = not self.built
         self.init(x)
         signature = (_args.signature(x), None if y is None else _args.signature(y), train)
         if signature not in self._checked:
             sample_x = data_lib.take_rows(x, 0, 2)
             sample_y = None if y is None else data_lib.take_rows(y, 0, 2)
-            if self._forward_takes(x, train):
-                if eager.active():  # no abstract trace: the forward may read values
-                    jaxpr, out = None, self.apply_fn(self.params, self.state, sample_x)
-                else:
-                    jaxpr, out = jax.make_jaxpr(self.apply_fn, return_shape=True)(
-                        self.params, self.state, sample_x
-                    )
+            if self._forward_takes(x, train, name):
+                jaxpr, out = self._trace(sample_x, fresh, name)
                 if y is not None:
+                    self._sparse = self._sparse_specs(out)
+                    sample_y = self._labels(sample_y, check=False)  # the callers check y
                     self._check_outputs(jaxpr, out, sample_y)
                     if self._metrics is None:
-                        self._metrics = []
+                        metrics = []
                         if self._loss_fn is not None:
-                            self._metrics = self._resolve_metrics(sample_y, out) + [
-                                step_lib.AuxLoss(name) for name in self._added_losses(sample_x)
+                            metrics = self._resolve_metrics(sample_y, out) + [
+                                step_lib.AuxLoss(aux) for aux in self._added_losses(sample_x)
                             ]
-                        self._program = None
+                        self._metrics, self._program = metrics, None
             if y is not None and self.train_step_fn is not None and self._train_metrics is None:
                 sample = Batch(sample_x, sample_y, np.ones(2, np.float32))
                 names = custom_lib.log_names(self.train_step_fn, self.train_state, sample)
@@ -515,6 +623,75 @@ class Model:
             )
         return self._program
 
+    def _complex_inputs(self) -> bool:
+        """Whether the model was built on complex inputs (then complex ``x`` is valid)."""
+        return any(
+            jnp.issubdtype(s.dtype, jnp.complexfloating)
+            for s in jax.tree_util.tree_leaves(self._input_spec)
+        )
+
+    def _trace(self, sample_x: Any, fresh: bool, name: str) -> tuple[Any, Any]:
+        """The forward's jaxpr (None when eager) and output shapes on two rows of ``x``.
+
+        The params of a model built in this call come from up to 8 rows: when the forward
+        fails on 2 rows with params of other shapes, ``x`` has no batch axis.
+        """
+        try:
+            if eager.active():  # no abstract trace: the forward may read values
+                return None, self.apply_fn(self.params, self.state, sample_x)
+            return jax.make_jaxpr(self.apply_fn, return_shape=True)(
+                self.params, self.state, sample_x
+            )
+        except ValueError as e:
+            if not fresh or "does not match shape" not in str(e):
+                raise
+            rows = [np.shape(a)[1:] for a in jax.tree_util.tree_leaves(sample_x)]
+            raise ValueError(
+                f"Expected `{name}` with a batch axis first: the forward's parameters change "
+                f"shape with the number of rows ({e}). Received: {name} with rows of shape "
+                f"{', '.join(map(str, rows))}. If `{name}` is one example, pass {name}[None] "
+                f"(or np.expand_dims({name}, 0))."
+            ) from e
+
+    def _sparse_specs(self, out: Any) -> list[tuple[Any, int, int, int | None]]:
+        """``(head, classes, output axes, ignore_class)`` of every sparse crossentropy."""
+        if self.loss is None:
+            return []
+        pairs: list[tuple[Any, Any, Any]] = [(None, self.loss, out)]
+        if self._heads is not None:
+            kind = dict if isinstance(self._heads.heads[0].key, str) else (list, tuple)
+            if not isinstance(out, kind):
+                return []  # the wrong kind of outputs: the output check says so
+            pairs = [(h, h.loss, outputs_lib.at(out, h)) for h in self._heads.trained()]
+        specs = []
+        for head, loss, leaf in pairs:
+            sparse = loss == "sparse_categorical_crossentropy" or isinstance(
+                loss, losses_lib.SparseCategoricalCrossentropy
+            )
+            shape: tuple[int, ...] = tuple(getattr(leaf, "shape", ()))
+            if sparse and len(shape) >= 2:
+                specs.append((head, shape[-1], len(shape), getattr(loss, "ignore_class", None)))
+        return specs
+
+    def _labels(self, y: Any, name: str = "y", check: bool = True) -> Any:
+        """``y`` with its sparse labels checked against the class count (and squeezed).
+
+        Labels ``[n, 1]`` of a sparse crossentropy become ``[n]``, as in Keras; with
+        ``check=False`` they are only squeezed.
+
+        Raises:
+          ValueError: for a label outside ``[0, classes)`` or a fractional one.
+        """
+        for head, classes, ndim, ignore in self._sparse:
+            if head is None:
+                return data_lib.sparse_labels(y, classes, ndim, name, ignore, check)
+            labels = outputs_lib.at(y, head)
+            where = f"{name}[{head.key!r}]"
+            checked = data_lib.sparse_labels(labels, classes, ndim, where, ignore, check)
+            if checked is not labels:
+                y = _replaced(y, head, checked)
+        return y
+
     def _require_objective(self, what: str) -> None:
         """A model trained by a custom ``train_step`` alone has no loss to evaluate."""
         if self._loss_fn is None:
@@ -523,7 +700,7 @@ class Model:
                 "`loss` nor `objective`. Pass one of them to the Model to evaluate it."
             )
 
-    def _forward_takes(self, x: Any, train: bool) -> bool:
+    def _forward_takes(self, x: Any, train: bool, name: str = "x") -> bool:
         """Checks ``x`` against the inputs the model was built on.
 
         A custom ``train_step`` may train on data that is not the forward's input (a GAN
@@ -534,7 +711,7 @@ class Model:
           ValueError: for inputs that do not match, unless a custom step takes them.
         """
         try:
-            data_lib.check_input_spec(x, self._input_spec)
+            data_lib.check_input_spec(x, self._input_spec, name)
         except ValueError:
             if self.train_step_fn is None or not train:
                 raise
@@ -614,6 +791,16 @@ class Model:
             weighted.append(metrics_lib.Weighted(metric, name))
         return plain + weighted
 
+    def _resume_at(self, epoch: int) -> Position | None:
+        """Where epoch ``epoch`` of this ``fit`` starts: after ``initial_batch`` batches
+        when it is the first epoch and a callback set that (``BackupAndRestore``)."""
+        if epoch != self.initial_epoch or self.initial_batch <= 0:
+            return None
+        batch, self.initial_batch = self.initial_batch, 0
+        if self._resume is not None and self._resume.epoch == epoch and self._resume.batch == batch:
+            return self._resume
+        return Position(epoch, batch)
+
     def _context(self) -> runs.Context:
         """What the run functions need from the model, passed down explicitly."""
         return runs.Context(
@@ -626,11 +813,14 @@ class Model:
             example=lambda: zeros_like_spec(self._input_spec),
             shuffle_key=self._stream(_SHUFFLE),
             eval_params=lambda: self.eval_params,
+            set_position=lambda position: setattr(self, "_position", position),
+            labels=self._labels,
         )
 
     # --- fit / evaluate / predict --------------------------------------------------------
 
     @_eager_if_asked
+    @_transactional
     def fit(
         self,
         x: Any,
@@ -662,17 +852,22 @@ class Model:
           y: targets (array or pytree); ``None`` when ``x`` is an iterable.
           batch_size: rows per training batch (arrays only). The last partial batch of an
             epoch is trained on exactly: as a call of its own, or (models without Haiku
-            state, one device) padded with zero-weight rows into the fused call.
+            state, one device) padded with zero-weight rows into the fused call. A size
+            above the number of training rows is capped to it (one batch per epoch, the
+            size reported in ``History.params``).
           epochs: the epoch count to reach, as in Keras.
           verbose: ``"auto"`` (1 on a terminal or in a notebook, else 2), 0 silent, 1 a
             progress bar on stderr, 2 one line per epoch on stdout.
           callbacks: :class:`hkfit.callbacks.Callback` instances.
           validation_split: fraction of the arrays, taken from the END before shuffling,
-            held out for validation.
-          validation_data: ``(x_val, y_val)``, ``(x_val, y_val, w_val)`` or an iterable.
-          shuffle: shuffle the rows each epoch. The order is a function of the seed and of
-            the number of epochs the model has trained, so successive ``fit`` calls
-            reshuffle and a resumed run is bit-identical.
+            held out for validation: a real number in [0, 1) (numpy scalars too).
+          validation_data: ``(x_val, y_val)``, ``(x_val, y_val, w_val)`` (a tuple or a
+            list) or an iterable. Arrays are checked like ``x`` and ``y`` before the first
+            step, an iterable's batches as they are read; errors name ``validation_data``.
+          shuffle: ``True`` or ``False`` (numpy bools too): shuffle the rows each epoch.
+            The order is a function of the seed and of the number of epochs the model
+            has trained, so successive ``fit`` calls reshuffle and a resumed run is
+            bit-identical.
           class_weight: ``{class: weight}`` multiplying each row's weight (arrays only).
           sample_weight: per-row weights ``[rows]``, per-token weights ``[rows, ...]``,
             or a dict (list) of them per output of a multi-output model.
@@ -685,7 +880,12 @@ class Model:
           steps_per_execution: ``"auto"`` or the number of batches fused into one compiled
             call, for training and validation. Batch callbacks fire once per call; under
             ``"auto"`` a callback that overrides a batch hook gets every batch.
-          check_inputs: refuse NaN/Inf in array ``x``/``y`` (one cheap host pass).
+          check_inputs: refuse NaN/Inf in array ``x``/``y``, and float64 values beyond the
+            float32 range they are narrowed to (one cheap host pass). Labels of a sparse
+            crossentropy are always checked against the model's number of classes
+            (integers in ``[0, classes)``; ``[rows, 1]`` labels are squeezed, as in Keras),
+            as are weights (finite, >= 0): arrays before the first step, an iterable's
+            batches on the host as they are prefetched, before their step.
           run_eagerly: run every step op by op, without jit, so that ``print``,
             ``pdb.set_trace()`` and ``float(x)`` work inside the forward and the loss
             (slow; for debugging). Results equal the compiled ones within float
@@ -705,7 +905,9 @@ class Model:
           The :class:`hkfit.callbacks.History` of this call (also ``model.history``).
 
         Raises:
-          ValueError / TypeError: on invalid arguments or data, before any step runs.
+          ValueError / TypeError: on invalid arguments or data, naming the argument,
+            before any step runs (for an iterable: before the step of the bad batch).
+            If the model had no parameters, it is left without them.
         """
         args = _args.fit_args(
             batch_size=batch_size,
@@ -719,6 +921,8 @@ class Model:
             steps_per_execution=steps_per_execution,
             gradient_accumulation_steps=gradient_accumulation_steps,
         )
+        data_lib.check_present(x, "x")
+        shuffle = _args.check_shuffle(shuffle)
         if validation_data is not None or validation_split:
             self._require_objective("validation_data")
         if self.train_step_fn is not None and args.gradient_accumulation_steps > 1:
@@ -728,7 +932,7 @@ class Model:
                 f"gradient_accumulation_steps={args.gradient_accumulation_steps}."
             )
         context = self._context()
-        train, val = runs.fit_feeds(
+        train, val, args = runs.fit_feeds(
             context,
             x,
             y,
@@ -753,10 +957,11 @@ class Model:
             history=history,
         )
         self.history, self.stop_training, self.initial_epoch = history, False, args.initial_epoch
-        self._epoch_logs = None
+        self._epoch_logs, self._position, self.initial_batch = None, None, 0
 
         def end_epoch(epoch: int, logs: dict) -> None:
             self._epoch_logs = (epoch, logs)  # saved with the history until History records it
+            self._position = None  # saves from now on are at an epoch boundary
             self.epoch = epoch + 1
             self._epochs_trained += 1
             rates = optimizers_lib.learning_rates(self._require_built("fit").opt_state)
@@ -772,7 +977,14 @@ class Model:
             args.epochs,
             lambda: self.initial_epoch,
             lambda epoch: runs.train_epoch(
-                context, train, cbs, args, epoch, self._epochs_trained, lambda: self.stop_training
+                context,
+                train,
+                cbs,
+                args,
+                epoch,
+                self._epochs_trained,
+                lambda: self.stop_training,
+                self._resume_at(epoch),
             ),
             lambda epoch: runs.validate(context, val, cbs, args, epoch),
             end_epoch,
@@ -783,6 +995,7 @@ class Model:
         return history
 
     @_eager_if_asked
+    @_transactional
     def evaluate(
         self,
         x: Any,
@@ -809,7 +1022,8 @@ class Model:
           batch_size: rows per batch (arrays only).
           verbose: ``"auto"``, 0, 1 (a progress bar on stderr) or 2 (one line on stdout).
           sample_weight: per-row weights ``[rows]``, per-token weights ``[rows, ...]``,
-            or a dict (list) of them per output of a multi-output model.
+            or a dict (list) of them per output of a multi-output model. Arrays only: an
+            iterable's batches carry their own, as in Keras.
           steps: evaluate at most this many batches.
           callbacks: callbacks whose ``on_test_*`` hooks are called.
           steps_per_execution: ``"auto"`` or batches per compiled call (see ``fit``).
@@ -822,6 +1036,7 @@ class Model:
         Raises:
           ValueError: on invalid arguments, or when ``x`` yields no batch.
         """
+        data_lib.check_present(x, "x")
         batch_size = _args.positive_int(batch_size, "batch_size")
         steps = None if steps is None else _args.positive_int(steps, "steps")
         _args.check_steps_per_execution(steps_per_execution)
@@ -843,6 +1058,7 @@ class Model:
         return logs
 
     @_eager_if_asked
+    @_transactional
     def predict(
         self,
         x: Any,
@@ -876,6 +1092,7 @@ class Model:
         Returns:
           A numpy array (or a pytree of them, as the forward returns).
         """
+        data_lib.check_present(x, "x")
         batch_size = _args.positive_int(batch_size, "batch_size")
         steps = None if steps is None else _args.positive_int(steps, "steps")
         _args.check_steps_per_execution(steps_per_execution)
@@ -887,66 +1104,109 @@ class Model:
 
     # --- single batches -----------------------------------------------------------------
 
+    @_transactional
     def train_on_batch(
         self, x: Any, y: Any, *, sample_weight: Any = None, class_weight: dict | None = None
     ) -> dict[str, float]:
-        """One optimizer step on one batch; returns that batch's loss and metrics."""
+        """One optimizer step on one batch; returns that batch's loss and metrics.
+
+        ``class_weight`` may name classes that this batch lacks (unlike ``fit``, which
+        refuses classes absent from the whole dataset).
+        """
+        data_lib.check_present(x, "x")
         return runs.train_on_batch(self._context(), x, y, sample_weight, class_weight)
 
+    @_transactional
     def test_on_batch(self, x: Any, y: Any, *, sample_weight: Any = None) -> dict[str, float]:
         """Loss and metrics of one batch in inference mode."""
+        data_lib.check_present(x, "x")
         self._require_objective("test_on_batch")
         return runs.test_on_batch(self._context(), x, y, sample_weight)
 
+    @_transactional
     def predict_on_batch(self, x: Any) -> Any:
         """Outputs for one batch (numpy), drawing batch 0's inference key."""
+        data_lib.check_present(x, "x")
         return runs.predict_on_batch(self._context(), x)
 
     # --- save / load --------------------------------------------------------------------
 
     def _save(self, path: str, weights_only: bool) -> None:
+        saving.save(path, **self._save_contents(weights_only))
+
+    def _save_contents(self, weights_only: bool) -> dict[str, Any]:
         # History runs after the other callbacks: a save from one of them includes the
         # epoch that is ending
         epochs, values = self.history.including(*(self._epoch_logs or (None, None)))
-        progress = saving.Progress(self.epoch, self._epochs_trained, epochs, values)
+        position = None
+        if self._position is not None and not weights_only:  # inside an epoch of fit
+            position = position_lib.encode(self._position)
+        progress = saving.Progress(self.epoch, self._epochs_trained, epochs, values, position)
         ts = self._require_built("save_weights" if weights_only else "save")
         if weights_only:  # for inference: a schedule-free optimizer's evaluation params
             ts = ts._replace(params=self.eval_params)
-        saving.save(
-            path,
-            ts,
-            weights_only=weights_only,
-            input_spec=self._input_spec,
-            seed=self._key,
-            progress=progress,
-        )
+        return {
+            "ts": ts,
+            "weights_only": weights_only,
+            "input_spec": self._input_spec,
+            "seed": self._key,
+            "progress": progress,
+        }
+
+    def snapshot(self, *, weights_only: bool = False) -> Snapshot:
+        """A host copy of what :meth:`save` (or :meth:`save_weights`) would write now.
+
+        ``snapshot().write(path)`` writes the file later, e.g. from another thread while
+        training goes on (``ModelCheckpoint(asynchronous=True)`` does that): the arrays
+        are copied off the device first, so later training steps cannot change them.
+        """
+        return Snapshot.take(**self._save_contents(weights_only))
 
     def _load(self, path: str, weights_only: bool) -> None:
-        meta, arrays, example = saving.read(path, weights_only=weights_only)
-        if not self.built:
-            if example is None:
-                raise ValueError(
-                    f"Loading {path!r} into a model without parameters needs the "
-                    "input spec stored in the checkpoint, and this one has none. "
-                    "Call `model.init(x)` with an example batch first."
-                )
-            self.init(example)
-        live = self._require_built("load")
-        ts, progress = saving.restore(
-            path, meta, arrays, live, weights_only=weights_only, seed=self._key
-        )
-        if ts.opt_state is live.opt_state and optimizers_lib.is_schedule_free(ts.opt_state):
-            # Its evaluation params depend on its state too: start it at the loaded params.
-            ts = self._layout.place_state(ts._replace(opt_state=self.optimizer.init(ts.params)))
-        elif ts.opt_state is live.opt_state and ema_lib.average(ts.opt_state) is not None:
-            # The average restarts at the loaded params, which inference then uses.
-            ts = self._layout.place_state(
-                ts._replace(opt_state=ema_lib.restart(ts.opt_state, ts.params))
+        # The whole file is read and checked first; the model changes once, at the end.
+        meta, arrays, spec = saving.read(path, weights_only=weights_only)
+        before = self._input_spec, self._slot.ts
+        try:
+            if not self.built:
+                if spec is None:
+                    raise ValueError(
+                        f"Loading {path!r} into a model without parameters needs the "
+                        "input spec stored in the checkpoint, and this one has none. "
+                        "Call `model.init(x)` with an example batch first."
+                    )
+                try:  # shapes first, abstractly: nothing is allocated if they differ
+                    shapes = jax.eval_shape(
+                        lambda x: self._forward.init(self._stream(_INIT), _init_view(x)), spec
+                    )
+                except Exception:  # a forward that reads values: `init` says what fails
+                    shapes = None
+                if shapes is not None:
+                    saving.check_fits(path, meta, *shapes)
+                self.init(saving.example(spec))
+            live = self._require_built("load")
+            ts, progress = saving.restore(
+                path, meta, arrays, live, weights_only=weights_only, seed=self._key
             )
+            if ts.opt_state is live.opt_state and optimizers_lib.is_schedule_free(ts.opt_state):
+                # Its evaluation params depend on its state too: start it at the loaded params.
+                ts = self._layout.place_state(ts._replace(opt_state=self.optimizer.init(ts.params)))
+            elif ts.opt_state is live.opt_state and ema_lib.average(ts.opt_state) is not None:
+                # The average restarts at the loaded params, which inference then uses.
+                ts = self._layout.place_state(
+                    ts._replace(opt_state=ema_lib.restart(ts.opt_state, ts.params))
+                )
+            resume = None
+            if progress is not None and progress.position is not None:
+                resume = position_lib.decode(progress.position, path)
+        except BaseException:
+            self._input_spec, self._slot.ts = before  # a fresh model stays fresh
+            raise
         self._slot.ts = ts
         if progress is not None:
             self.epoch, self._epochs_trained = progress.epoch, progress.epochs_trained
             self.history.epoch, self.history.history = progress.history_epoch, progress.history
+            self._resume = resume
+            self.resume_point = None if resume is None else (resume.epoch, resume.batch)
 
     def save(self, path: str) -> None:
         """Writes the full training state to one file, atomically (see :mod:`hkfit.checkpoint`).
@@ -962,6 +1222,11 @@ class Model:
         A checkpoint saved with another optimizer (e.g. for inference or fine-tuning)
         restores params, state, step and history, and warns that the optimizer state
         starts fresh.
+
+        A checkpoint written inside an epoch (``BackupAndRestore(save_freq=N)``, a
+        preemption, ``ModelCheckpoint(save_freq=N)``) sets :attr:`resume_point` to
+        ``(epoch, batches done)``; ``BackupAndRestore`` then makes ``fit`` continue at
+        the next batch (``model.initial_batch``). Otherwise ``resume_point`` is None.
 
         Raises:
           ValueError: naming the first tree path that differs, or if the file is corrupted,

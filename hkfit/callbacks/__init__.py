@@ -22,7 +22,7 @@ False
 """
 
 from hkfit.callbacks.base import Callback, CallbackList, History
-from hkfit.callbacks.io import BackupAndRestore, CSVLogger, ModelCheckpoint
+from hkfit.callbacks.io import BackupAndRestore, CSVLogger, ModelCheckpoint, Preempted
 from hkfit.callbacks.loggers import TensorBoard
 from hkfit.callbacks.memory import MemoryUsage
 from hkfit.callbacks.monitor import (
@@ -48,6 +48,7 @@ __all__ = [
     "MLflowLogger",
     "MemoryUsage",
     "ModelCheckpoint",
+    "Preempted",
     "Profile",
     "ProgressBar",
     "ReduceLROnPlateau",

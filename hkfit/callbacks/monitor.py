@@ -180,11 +180,22 @@ class TerminateOnNaN(Callback):
 
     The loss is checked after every execution (``steps_per_execution`` fused steps) on the
     running epoch mean, which turns NaN as soon as one batch does, and at epoch end.
+
+    Args:
+      raise_error: raise a ``RuntimeError`` instead of setting ``model.stop_training``
+        (as in Keras). Either way ``ModelCheckpoint`` and ``BackupAndRestore`` never write
+        the non-finite weights, so the last good checkpoint and backup stay intact.
     """
+
+    def __init__(self, raise_error: bool = False):
+        super().__init__()
+        self.raise_error = raise_error
 
     def _check(self, where: str, logs) -> None:
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
+            if self.raise_error:
+                raise RuntimeError(f"{where}: invalid loss ({loss}); training stopped.")
             print(f"{where}: invalid loss ({loss}), terminating training.", flush=True)
             self.model.stop_training = True
 
@@ -202,8 +213,12 @@ class LambdaCallback(Callback):
     the others as ``fn(logs)``. ``logs`` may be ``None`` or empty.
 
     Args:
-      on_epoch_begin, on_epoch_end, on_train_begin, on_train_end, on_train_batch_begin,
-      on_train_batch_end: functions for those hooks.
+      on_epoch_begin: ``fn(epoch, logs)``.
+      on_epoch_end: ``fn(epoch, logs)``.
+      on_train_begin: ``fn(logs)``.
+      on_train_end: ``fn(logs)``.
+      on_train_batch_begin: ``fn(batch, logs)``.
+      on_train_batch_end: ``fn(batch, logs)``.
       **hooks: functions for any other hook (``on_test_end=...``, ``on_predict_batch_end=...``).
 
     Raises:
