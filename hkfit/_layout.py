@@ -186,6 +186,39 @@ class ShardingRules:
         )
 
 
+class FullySharded(ShardingRules):
+    """FSDP: every parameter split along its largest dimension the data axis divides.
+
+    Each device then holds 1/N of each such parameter and of its optimizer slots; the
+    compiled step gathers a parameter where it is used (all-gather) and reduces each
+    gradient straight to its shard (reduce-scatter). Parameters with fewer than
+    ``min_size`` elements (biases, norms: too small to matter) and those with no
+    divisible dimension stay replicated.
+    """
+
+    def __init__(self, axis_name: str, mesh_axes: dict[str, int], min_size: int):
+        super().__init__([], mesh_axes)
+        self.axis_name, self.min_size = axis_name, min_size
+
+    def __bool__(self) -> bool:
+        return True
+
+    def spec_for(self, path: str, shape: tuple) -> PartitionSpec:
+        """``P(..., axis, ...)`` on the largest divisible dimension, or replicated."""
+        size = self.mesh_axes[self.axis_name]
+        if math.prod(shape) < self.min_size or size == 1:
+            return PartitionSpec()
+        divisible = [d for d in range(len(shape)) if shape[d] % size == 0]
+        if not divisible:
+            return PartitionSpec()
+        dim = max(divisible, key=lambda d: (shape[d], -d))
+        return PartitionSpec(*([None] * dim), self.axis_name)
+
+
+#: Parameters with fewer elements stay replicated under ``param_sharding="fsdp"``.
+FSDP_MIN_SIZE = 2**14
+
+
 def _nearest_multiples(value: int, multiple: int) -> str:
     below, above = value // multiple * multiple, -(-value // multiple) * multiple
     return " or ".join(f"batch_size={v}" for v in (below, above) if v > 0)
@@ -205,9 +238,13 @@ class DataParallel:
       axis_name: the mesh axis the batch is split along.
       mesh_shape: ``None`` (a 1-D mesh over ``devices``) or ``{axis name: size}`` such as
         ``{"data": 4, "model": 2}``; the sizes multiply to the number of devices.
-      param_sharding: ``[(regex, PartitionSpec), ...]`` (see :class:`ShardingRules`).
-        Parameters no rule matches stay replicated, also after training: the training
-        step's output shardings are pinned, so it compiles once per fit.
+      param_sharding: ``[(regex, PartitionSpec), ...]`` (see :class:`ShardingRules`), or
+        ``"fsdp"``: every parameter with at least ``FSDP_MIN_SIZE`` (16,384) elements,
+        and its optimizer slots, split along its largest dimension that the
+        ``axis_name`` axis divides (fully sharded data parallel; see
+        :class:`FullySharded`). Parameters no rule matches stay replicated, also after
+        training: the training step's output shardings are pinned, so it compiles once
+        per fit.
 
     Raises:
       ValueError: on a mesh that does not fit the devices, or a rule naming an axis
@@ -228,7 +265,7 @@ class DataParallel:
         axis_name: str = "data",
         *,
         mesh_shape: dict[str, int] | None = None,
-        param_sharding: Sequence[tuple[str, PartitionSpec]] | None = None,
+        param_sharding: Sequence[tuple[str, PartitionSpec]] | str | None = None,
     ):
         devices = list(jax.devices() if devices is None else devices)
         if not devices:
@@ -256,7 +293,15 @@ class DataParallel:
         self.platform = devices[0].platform  # e.g. "cpu", "gpu", "tpu"
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(axis_name))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.param_sharding = ShardingRules(param_sharding or [], mesh_shape)
+        if isinstance(param_sharding, str):
+            if param_sharding != "fsdp":
+                raise ValueError(
+                    "Expected `param_sharding` to be 'fsdp' or a list of (regex, "
+                    f"PartitionSpec) rules. Received: param_sharding={param_sharding!r}."
+                )
+            self.param_sharding: ShardingRules = FullySharded(axis_name, mesh_shape, FSDP_MIN_SIZE)
+        else:
+            self.param_sharding = ShardingRules(param_sharding or [], mesh_shape)
 
     def __repr__(self) -> str:
         return f"DataParallel(mesh={dict(self.mesh.shape)}, axis_name={self.axis_name!r})"
