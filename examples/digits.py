@@ -47,6 +47,7 @@ def main(precision="float32", verbose="auto"):
     model.fit(x_train, y_train, epochs=15, batch_size=64, validation_split=0.1, verbose=verbose)
     results = model.evaluate(x_test, y_test, verbose=0)
     print(f"test loss {results['loss']:.4f} - test accuracy {results['accuracy']:.4f}")
+    assert results["accuracy"] > 0.95, f"test accuracy {results['accuracy']:.4f}, expected > 0.95"
     return results
 
 

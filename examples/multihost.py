@@ -91,6 +91,9 @@ def worker(process_id: int, port: int) -> None:
             f"test accuracy {results['accuracy']:.4f}",
             flush=True,
         )
+    # Each process checks: both trained one model together, and it learned.
+    assert jax.process_count() == NUM_PROCESSES, jax.process_count()
+    assert results["accuracy"] > 0.9, f"test accuracy {results['accuracy']:.4f}, expected > 0.9"
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def make_data(n: int, rng: np.random.RandomState, patterns: np.ndarray):
 def cnn(x, is_training):
     """One view ``[batch, 12, 12, 1]`` -> class logits ``[batch, NUM_CLASSES]``."""
     x = jax.nn.relu(hk.Conv2D(8, 3)(x))
-    x = hk.max_pool(x, 2, 2, "SAME")
+    x = hk.max_pool(x, window_shape=(2, 2, 1), strides=(2, 2, 1), padding="SAME")
     x = jax.nn.relu(hk.Conv2D(16, 3)(x))
     x = hk.Flatten()(x)
     if is_training:
@@ -56,28 +56,32 @@ def main():
         seed=0,
     )
     model.fit(x_train, y_train, epochs=8, batch_size=64, verbose=2)
-    print("test:", model.evaluate(x_test, y_test, verbose=0))
+    results = model.evaluate(x_test, y_test, verbose=0)
+    print("test:", results)
 
     # Max pooling over views: the order of the views does not matter.
     permuted = x_test[..., rng.permutation(VIEWS)]
     logits = model.predict(x_test)
-    print("order invariant:", np.allclose(logits, model.predict(permuted), atol=1e-5))
+    invariant = np.allclose(logits, model.predict(permuted), atol=1e-5)
+    print("order invariant:", invariant)
 
     # The same parameters as a single-view model: per-view logits through a vmapped view.
     single = hkfit.Model(cnn, loss="sparse_categorical_crossentropy")
     single.init(x_test[:1, ..., 0])
     single.params = model.params
     per_view = single.vmap(in_axes=-1, out_axes=-1).predict(x_test)
-    print(
-        "per-view logits:",
-        per_view.shape,
-        "max over views == model output:",
-        np.allclose(per_view.max(-1), logits, atol=1e-5),
-    )
+    pooled = np.allclose(per_view.max(-1), logits, atol=1e-5)
+    print("per-view logits:", per_view.shape, "max over views == model output:", pooled)
 
     # The model is a pure function: d(logits) / d(input) for one example.
     jacobian = jax.jacrev(model.apply_fn, argnums=2)(model.params, model.state, x_test[:1])
     print("Jacobian of the logits w.r.t. one input:", jacobian.shape)
+
+    assert results["accuracy"] > 0.8, f"test accuracy {results['accuracy']:.3f}, expected > 0.8"
+    assert invariant, "the prediction changed when the views were reordered"
+    assert pooled and per_view.shape == (len(x_test), NUM_CLASSES, VIEWS), per_view.shape
+    assert jacobian.shape == (1, NUM_CLASSES, 1, *x_test.shape[1:]), jacobian.shape
+    return results
 
 
 if __name__ == "__main__":

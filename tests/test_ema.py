@@ -5,9 +5,6 @@ step-by-step ones), checkpointed with the optimizer state, and used for inferenc
 ``model.use_ema_for_inference`` is False.
 """
 
-import pathlib
-import re
-
 import chex
 import haiku as hk
 import jax
@@ -342,16 +339,3 @@ def test_training_continues_from_the_average():
     model.params = model.ema_params
     model.train_on_batch(X[:8], Y[:8])
     assert model.step == 11
-
-
-def test_readme_snippet_runs():
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    text = re.search(r"^## Weight averaging \(EMA\)$(.*?)^## ", readme, re.M | re.S).group(1)
-    code = re.search(r"^```python\n(.*?)^```", text, re.M | re.S).group(1)
-    namespace: dict = {"__name__": "readme_ema"}
-    exec(compile(code, "README.md (Weight averaging)", "exec"), namespace)
-    model, averaged, raw = namespace["model"], namespace["averaged"], namespace["raw"]
-    assert model.use_ema_for_inference and averaged["loss"] != raw["loss"]
-    y_pred = model.apply_fn(model.ema_params, model.state, namespace["x"])
-    expected = float(np.mean((np.asarray(y_pred) - namespace["y"]) ** 2))
-    assert averaged["loss"] == pytest.approx(expected, 1e-5)

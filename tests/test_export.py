@@ -8,7 +8,7 @@ Covered:
   * ``apply_fn`` holds its key as uint32 data (exporters cannot carry typed keys), with
     bit-identical results;
   * input checks, bad arguments, and bad files (never unpickled);
-  * the README's snippet runs;
+  * (the export guide's snippets run in tests/test_docs.py);
   * the ONNX route (``hkfit[onnx]``), checked with onnxruntime, where it is installed.
 """
 
@@ -18,7 +18,6 @@ import json
 import os
 import pathlib
 import pickle
-import re
 import subprocess
 import sys
 import textwrap
@@ -319,24 +318,6 @@ def test_bad_files(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot read"):
         hkfit.load_exported(rewrite("module.zip", module=b"\x00" * 64))
     hkfit.load_exported(rewrite("same.zip"))  # the rewrite itself keeps a valid file
-
-
-def test_readme_snippet_runs(tmp_path, monkeypatch):
-    readme = (ROOT / "README.md").read_text()
-    text = re.search(r"^## Export$(.*?)^## ", readme, re.M | re.S).group(1)
-    blocks = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
-    assert len(blocks) == 2  # StableHLO, then ONNX
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "readme_export"}
-    exec(compile(blocks[0], "README.md (Export)", "exec"), namespace)
-    assert (tmp_path / "mlp.zip").exists()
-    try:
-        import jax2onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return  # the ONNX block needs the onnx extra
-    exec(compile(blocks[1], "README.md (Export, ONNX)", "exec"), namespace)
-    assert (tmp_path / "mlp.onnx").exists()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Tests for the loggers: TensorBoard's update_freq / histogram_freq, WandbLogger and
 MLflowLogger (run offline: W&B in offline mode, MLflow on a local file store), and the
-README's snippets for them and for Profile."""
+logging guide's snippets (with the tracker blocks the docs test skips)."""
 
 import glob
 import json
@@ -21,7 +21,6 @@ from hkfit import callbacks as C
 
 X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)  # 8 batches of 8
 Y = X.sum(axis=1, keepdims=True)
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -344,24 +343,22 @@ def test_missing_mlflow_names_the_extra(monkeypatch):
         C.MLflowLogger()
 
 
-# --- the README's snippets -----------------------------------------------------------------
+# --- the logging guide's snippets ---------------------------------------------------------
 
 
-def readme_blocks(heading):
-    text = README.read_text()
-    match = re.search(rf"^### {re.escape(heading)}$(.*?)^##", text, re.M | re.S)
-    assert match, f"README.md has no '### {heading}' section"
-    return re.findall(r"^```python\n(.*?)^```", match.group(1), re.M | re.S)
+GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "logging.md"
 
 
-def test_readme_profiling_and_tracker_snippets_run(tmp_path, monkeypatch, wandb, mlflow):
+def test_the_logging_guide_runs_with_its_tracker_blocks(tmp_path, monkeypatch, wandb, mlflow):
+    """Every block of the guide, the W&B and MLflow ones too (which the docs test skips:
+    here they run against this file's local fakes)."""
     pytest.importorskip("tensorboardX", reason="needs the tensorboard extra")
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "readme_loggers"}
-    blocks = readme_blocks("Profiling and experiment trackers")
-    assert len(blocks) == 4
+    namespace: dict = {"__name__": "guide_logging"}
+    blocks = re.findall(r"^```python\n(.*?)^```", GUIDE.read_text(), re.M | re.S)
+    assert len(blocks) >= 5
     for block in blocks:
-        exec(compile(block, "README.md (Profiling and experiment trackers)", "exec"), namespace)
+        exec(compile(block, str(GUIDE), "exec"), namespace)
     assert glob.glob("runs/profile/plugins/profile/*/*.xplane.pb")
     assert {"batch_loss", "linear/w"} <= set(read_events(tmp_path / "runs" / "tb" / "train"))
     assert wandb_records(tmp_path)["exit_code"] == 0

@@ -4,7 +4,6 @@ that trains well."""
 
 import logging
 import math
-import pathlib
 import re
 
 import haiku as hk
@@ -278,35 +277,3 @@ def test_suggestion_for_adam_on_digits_trains_well():
     assert good["accuracy"] > 0.85, (suggestion, good)
     assert high["accuracy"] < 0.5 and low["accuracy"] < 0.6, (suggestion, high, low)
     assert good["loss"] <= usual["loss"], (suggestion, good, usual)
-
-
-def readme_block(heading):
-    """The first ```python block under the README's ``### heading``."""
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = re.search(rf"^### {re.escape(heading)}\s*$(.*?)(?=^##)", text, re.M | re.S)
-    assert section, f"README.md has no '### {heading}' section"
-    block = re.search(r"^```python\n(.*?)^```", section.group(1), re.M | re.S)
-    assert block, f"no python block under '### {heading}'"
-    return block.group(1)
-
-
-def test_readme_snippets_run(tmp_path, monkeypatch):
-    pytest.importorskip("sklearn")
-    matplotlib = pytest.importorskip("matplotlib", reason="needs the plot extra")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "readme_lr_finder"}
-    try:
-        for heading in ("Finding a learning rate", "Plotting the history"):
-            code = readme_block(heading)
-            exec(compile(code, f"README.md ({heading})", "exec"), namespace)
-    finally:
-        plt.close("all")
-    sweep, model, history = namespace["sweep"], namespace["model"], namespace["history"]
-    assert 1e-3 < sweep.suggestion < 0.3, sweep.suggestion
-    assert model.learning_rate == pytest.approx(sweep.suggestion, rel=1e-6)
-    assert history.history["val_accuracy"][-1] > 0.7, history.history
-    for name in ("lr_sweep.png", "history.png"):
-        assert (tmp_path / name).stat().st_size > 1000, name

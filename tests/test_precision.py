@@ -4,7 +4,6 @@ import ast
 import functools
 import importlib.util
 import pathlib
-import re
 import sys
 
 import chex
@@ -350,17 +349,6 @@ def test_data_parallel_matches_one_device(precision):
     out = parallel.predict(x, batch_size=16)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, single.predict(x, batch_size=16), atol=5e-2, rtol=5e-2)
-
-
-def test_the_readme_section_runs_as_pasted():
-    text = (ROOT / "README.md").read_text()
-    found = re.search(r"^## Mixed precision\s*$(.*?)(?=^## )", text, re.M | re.S)
-    code = re.search(r"^```python\n(.*?)^```", found.group(1), re.M | re.S).group(1)
-    namespace: dict = {"__name__": "readme_mixed_precision"}
-    exec(compile(code, "README.md (Mixed precision)", "exec"), namespace)
-    assert namespace["scales"] == [2.0**15, 2.0**15]
-    history = namespace["history"].history
-    assert history["loss"][-1] < history["loss"][0]
 
 
 # --- The digits CNN -------------------------------------------------------------------------
