@@ -29,6 +29,7 @@ from hkfit import _ema as ema_lib
 from hkfit import _engine as engine
 from hkfit import _export as export_lib
 from hkfit import _forward as forward_lib
+from hkfit import _labels as labels_lib
 from hkfit import _outputs as outputs_lib
 from hkfit import _position as position_lib
 from hkfit import _precision as precision_lib
@@ -135,16 +136,6 @@ def _transactional(method: Callable) -> Callable:
             raise
 
     return run
-
-
-def _replaced(tree: Any, head: Any, value: Any) -> Any:
-    """``tree`` (a dict, tuple or list of outputs) with ``head``'s entry set to ``value``."""
-    if isinstance(tree, dict):
-        key = head.key if head.key in tree else head.name
-        return {**tree, key: value}
-    items = list(tree)
-    items[head.key] = value
-    return type(tree)(items) if isinstance(tree, tuple) else items
 
 
 def _init_view(x: Any) -> Any:
@@ -331,7 +322,7 @@ class Model:
         self._input_spec: Any = None
         self._program: Program | None = None
         self._checked: set = set()
-        self._sparse: list = []  # (head, classes, output axes, ignore_class) of sparse losses
+        self._sparse: list[labels_lib.SparseSpec] = []  # the sparse losses (see _labels.py)
         self._initial_ts: TrainState | None = None  # the state `init` created
         self._warned_logits = False
         self.history = callbacks_lib.History()
@@ -653,44 +644,13 @@ class Model:
                 f"(or np.expand_dims({name}, 0))."
             ) from e
 
-    def _sparse_specs(self, out: Any) -> list[tuple[Any, int, int, int | None]]:
-        """``(head, classes, output axes, ignore_class)`` of every sparse crossentropy."""
-        if self.loss is None:
-            return []
-        pairs: list[tuple[Any, Any, Any]] = [(None, self.loss, out)]
-        if self._heads is not None:
-            kind = dict if isinstance(self._heads.heads[0].key, str) else (list, tuple)
-            if not isinstance(out, kind):
-                return []  # the wrong kind of outputs: the output check says so
-            pairs = [(h, h.loss, outputs_lib.at(out, h)) for h in self._heads.trained()]
-        specs = []
-        for head, loss, leaf in pairs:
-            sparse = loss == "sparse_categorical_crossentropy" or isinstance(
-                loss, losses_lib.SparseCategoricalCrossentropy
-            )
-            shape: tuple[int, ...] = tuple(getattr(leaf, "shape", ()))
-            if sparse and len(shape) >= 2:
-                specs.append((head, shape[-1], len(shape), getattr(loss, "ignore_class", None)))
-        return specs
+    def _sparse_specs(self, out: Any) -> list[labels_lib.SparseSpec]:
+        """The sparse crossentropies of this model's loss(es) on outputs ``out``."""
+        return labels_lib.sparse_specs(self.loss, self._heads, out)
 
     def _labels(self, y: Any, name: str = "y", check: bool = True) -> Any:
-        """``y`` with its sparse labels checked against the class count (and squeezed).
-
-        Labels ``[n, 1]`` of a sparse crossentropy become ``[n]``, as in Keras; with
-        ``check=False`` they are only squeezed.
-
-        Raises:
-          ValueError: for a label outside ``[0, classes)`` or a fractional one.
-        """
-        for head, classes, ndim, ignore in self._sparse:
-            if head is None:
-                return data_lib.sparse_labels(y, classes, ndim, name, ignore, check)
-            labels = outputs_lib.at(y, head)
-            where = f"{name}[{head.key!r}]"
-            checked = data_lib.sparse_labels(labels, classes, ndim, where, ignore, check)
-            if checked is not labels:
-                y = _replaced(y, head, checked)
-        return y
+        """``y`` with its sparse labels checked (and squeezed); see :mod:`hkfit._labels`."""
+        return labels_lib.checked(y, self._sparse, name, check)
 
     def _require_objective(self, what: str) -> None:
         """A model trained by a custom ``train_step`` alone has no loss to evaluate."""

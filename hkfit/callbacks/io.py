@@ -77,6 +77,27 @@ class _BatchCounter:
         return False
 
 
+class _Periodic(Callback):
+    """What ModelCheckpoint and BackupAndRestore share: saves every epoch or every
+    ``save_freq`` batches (counted across epochs, as in Keras), and a background writer."""
+
+    def __init__(self, save_freq: Any):
+        super().__init__()
+        _check_save_freq(save_freq)
+        self.save_freq = save_freq
+        self._counter = _BatchCounter(save_freq)
+        self._writer = BackgroundWriter()
+        self._epoch = 0
+
+    def wants_batch_logs(self, hook: str | None = None) -> bool:
+        return self.save_freq != "epoch" and hook in (None, "on_train_batch_end")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._writer.check()
+        self._epoch = epoch
+        self._counter.start_epoch()
+
+
 def _pattern(filepath: str) -> tuple[re.Pattern, dict[str, str]] | None:
     """A regex matching the files ``filepath`` names and the group of each field, or
     None when a field is in the directory part (such files are not rediscovered)."""
@@ -95,7 +116,7 @@ def _pattern(filepath: str) -> tuple[re.Pattern, dict[str, str]] | None:
     return re.compile(regex + r"\Z"), groups
 
 
-class ModelCheckpoint(Callback):
+class ModelCheckpoint(_Periodic):
     """Saves the model (or its weights) every epoch or every ``save_freq`` batches.
 
     Args:
@@ -145,8 +166,7 @@ class ModelCheckpoint(Callback):
         max_to_keep: int | None = None,
         asynchronous: bool = False,
     ):
-        super().__init__()
-        _check_save_freq(save_freq)
+        super().__init__(save_freq)
         if max_to_keep is not None and (
             not isinstance(max_to_keep, int) or isinstance(max_to_keep, bool) or max_to_keep < 1
         ):
@@ -167,28 +187,16 @@ class ModelCheckpoint(Callback):
         self.save_best_only = save_best_only
         self.save_weights_only = save_weights_only
         self.mode = resolve_mode(mode, monitor, "ModelCheckpoint")
-        self.save_freq = save_freq
         self.best: float | None = initial_value_threshold
         self.max_to_keep = max_to_keep
         self.asynchronous = asynchronous
         self.last_saved: str | None = None
         self.kept: list[tuple[str, float | None]] | None = None  # (path, value), oldest first
         self._warned: set = set()
-        self._epoch = 0
-        self._counter = _BatchCounter(save_freq)
-        self._writer = BackgroundWriter()
-
-    def wants_batch_logs(self, hook: str | None = None) -> bool:
-        return self.save_freq != "epoch" and hook in (None, "on_train_batch_end")
 
     def on_train_begin(self, logs=None):
         if self.max_to_keep is not None and self.kept is None:
             self.kept = self._rediscover()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._writer.check()
-        self._epoch = epoch
-        self._counter.start_epoch()
 
     def on_train_batch_end(self, batch, logs=None):
         self._writer.check()
@@ -320,7 +328,7 @@ class Preempted(SystemExit):
     """
 
 
-class BackupAndRestore(Callback):
+class BackupAndRestore(_Periodic):
     """Backs up the whole training state, and resumes from it after a crash or preemption.
 
     It writes ``backup_dir/training_state.npz`` (params, state, optimizer state with its
@@ -390,28 +398,20 @@ class BackupAndRestore(Callback):
         delete_checkpoint: bool = True,
         asynchronous: bool = False,
     ):
-        super().__init__()
+        super().__init__(save_freq)
         if not backup_dir:
             raise ValueError(f"Expected a non-empty `backup_dir`. Received: {backup_dir!r}.")
-        _check_save_freq(save_freq)
         self.backup_dir = os.fspath(backup_dir)
         self.path = os.path.join(self.backup_dir, self.FILENAME)
         self.previous_path = os.path.join(self.backup_dir, self.PREVIOUS)
-        self.save_freq = save_freq
         self.double_checkpoint = double_checkpoint
         self.delete_checkpoint = delete_checkpoint
         self.asynchronous = asynchronous
         self.restored_epoch: int | None = None
         self.restored_batch = 0
-        self._counter = _BatchCounter(save_freq)
-        self._writer = BackgroundWriter()
-        self._epoch = 0
         self._sigterm = False
         self._previous_handler: Any = None
         self._handler_installed = False
-
-    def wants_batch_logs(self, hook: str | None = None) -> bool:
-        return self.save_freq != "epoch" and hook in (None, "on_train_batch_end")
 
     # --- restore ---
 
@@ -458,11 +458,6 @@ class BackupAndRestore(Callback):
         return False
 
     # --- back up ---
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._writer.check()
-        self._epoch = epoch
-        self._counter.start_epoch()
 
     def on_train_batch_end(self, batch, logs=None):
         self._writer.check()
