@@ -845,9 +845,10 @@ def report(
     if _NOISY_ROWS:
         lines += [
             "",
-            f"Rows behind {len(_NOISY_ROWS)} of these figures were noisy (see their spread): "
+            f"{len(set(_NOISY_ROWS))} rows were noisy (see their spread): "
             + ", ".join(sorted(set(_NOISY_ROWS)))
-            + ". Rerun on a quieter machine before trusting a miss or a win there.",
+            + ". Rerun on a quieter machine before trusting a miss or a win that rests on "
+            "one of them.",
         ]
     judged = [ok for _, _, ok in targets if ok is not None]
     lines += ["", f"{sum(judged)} of {len(judged)} judged targets met."]
