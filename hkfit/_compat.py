@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,15 +71,35 @@ def run_compiled_once(fn: Callable, *args: Any) -> Any:
     XLA's backend optimizations make it about 3x slower to compile on CPU. Only the
     missing-option error of an older JAX falls back to a normal compile; errors of ``fn``
     itself propagate from the single trace.
+
+    The executables are kept by program text (the last ``_ONCE_CACHE_SIZE``): a process
+    that builds the same model again (a notebook cell run twice, cross-validation folds,
+    a sweep over settings that keep the shapes) initializes it without compiling.
     """
     jitted = jax.jit(fn)
     if jax.default_backend() != "cpu":
         return jitted(*args)
     lowered = jitted.lower(*args)  # traces fn once; its errors propagate from here
-    try:
-        # JAX annotates the values as str | bool; XLA takes this option as an int.
-        options = {"xla_backend_optimization_level": 0}
-        compiled = lowered.compile(compiler_options=options)  # type: ignore[arg-type]
-    except (TypeError, RuntimeError):  # a JAX without that option: compile normally
-        compiled = lowered.compile()
+    avals = [  # unused arguments are pruned from the text, but the executable checks them
+        (getattr(a, "shape", None), str(getattr(a, "dtype", type(a))))
+        for a in jax.tree_util.tree_leaves(args)
+    ]
+    # the trees too: two forwards may compile to the same text with other param names
+    trees = f"{lowered.in_tree}\n{lowered.out_tree}"
+    key = hashlib.sha256(f"{avals}\n{trees}\n{lowered.as_text()}".encode()).hexdigest()
+    compiled = _ONCE_CACHE.pop(key, None)
+    if compiled is None:
+        try:
+            # JAX annotates the values as str | bool; XLA takes this option as an int.
+            options = {"xla_backend_optimization_level": 0}
+            compiled = lowered.compile(compiler_options=options)  # type: ignore[arg-type]
+        except (TypeError, RuntimeError):  # a JAX without that option: compile normally
+            compiled = lowered.compile()
+    _ONCE_CACHE[key] = compiled  # the most recent last
+    while len(_ONCE_CACHE) > _ONCE_CACHE_SIZE:
+        _ONCE_CACHE.pop(next(iter(_ONCE_CACHE)))
     return compiled(*args)
+
+
+_ONCE_CACHE: dict[str, Any] = {}
+_ONCE_CACHE_SIZE = 16

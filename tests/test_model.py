@@ -565,3 +565,21 @@ def test_streamed_evaluate_and_predict_are_exact_across_chunks(monkeypatch, step
         per_example[:14].mean(),
         rtol=1e-5,
     )
+
+
+def test_building_the_same_model_again_reuses_the_compiled_init():
+    from hkfit import _compat
+
+    x = np.ones((4, 3), np.float32)
+
+    def build(name, seed):
+        return hkfit.Model(lambda x: hk.Linear(2, name=name)(x), loss="mse", seed=seed).init(x)
+
+    first = build("alpha", 0)
+    compiled = dict(_compat._ONCE_CACHE)
+    again = build("alpha", 1)
+    assert _compat._ONCE_CACHE.keys() == compiled.keys()  # nothing new compiled
+    assert not np.array_equal(first.params["alpha"]["w"], again.params["alpha"]["w"])  # the seed
+    other = build("beta", 0)  # the same program text with other param names
+    assert list(other.params) == ["beta"]
+    np.testing.assert_array_equal(other.params["beta"]["w"], first.params["alpha"]["w"])
