@@ -93,15 +93,31 @@ def numeric_dtype(name: Any) -> np.dtype | None:
     return _numeric_dtype(name) if isinstance(name, str) else None
 
 
+_KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+@functools.cache
+def _impl_name(impl: str) -> str | None:
+    """The name ``jax.random.key(impl=...)`` takes for the implementation printed as
+    ``impl`` (JAX < 0.5 prints threefry as ``"fry"``), or None if this JAX lacks it."""
+    for name in _KEY_IMPLS:
+        try:
+            if impl == name or str(jax.random.key_impl(jax.random.key(0, impl=name))) == impl:
+                return name
+        except Exception:  # an implementation this JAX does not have
+            continue
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def key_data_spec(impl: str) -> jax.ShapeDtypeStruct | None:
     """Shape and dtype of the data of one key of the PRNG implementation ``impl``."""
     if not _NAME.match(impl):
         return None
-    try:
-        return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
-    except Exception:  # an implementation this JAX does not know
+    name = _impl_name(impl)
+    if name is None:
         return None
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=name)))
 
 
 def _check_dtype(path: str, field: str, entry: dict) -> None:

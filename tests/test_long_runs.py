@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import hkfit
+from hkfit import _compat, checkpoint
 from hkfit import callbacks as C
-from hkfit import checkpoint
 
 
 def forward(x, is_training):
@@ -465,6 +465,11 @@ def test_checkpoints_skip_non_finite_weights_with_a_warning(tmp_path):
 # --- many dataset sizes ----------------------------------------------------------------
 
 
+@pytest.mark.skipif(
+    not _compat.threefry_partitionable(),
+    reason="JAX < 0.5 draws random bits by batch shape, so the short last batch of an "
+    "epoch is not padded into the fused call and compiles once per size",
+)
 def test_fits_on_many_dataset_sizes_share_a_few_compilations():
     compiles = []
 
