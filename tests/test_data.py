@@ -245,3 +245,11 @@ def test_check_input_spec_names_both_structures():
 
 def test_docstring_examples_run():
     assert doctest.testmod(data).failed == 0
+
+
+def test_the_fast_finiteness_pass_falls_back_to_the_exact_check():
+    big = np.full((4, 3), 3e38, np.float32)  # finite, but its sum overflows to inf
+    data.check_finite(big, "x")
+    big[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"x\[2, 1\]"):
+        data.check_finite(big, "x")

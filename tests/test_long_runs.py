@@ -490,3 +490,30 @@ def test_fits_on_many_dataset_sizes_share_a_few_compilations():
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mb < 200, grown_mb
     assert np.all(np.isfinite(jax.tree_util.tree_leaves(host(model.params))[0]))
+
+
+def test_a_completed_fit_removes_the_temp_file_a_killed_save_left(tmp_path):
+    backup_dir = tmp_path / "backup"
+    backup_dir.mkdir()
+    stale = backup_dir / checkpoint.temp_path(C.BackupAndRestore.FILENAME)
+    stale.write_bytes(b"half of a checkpoint")
+    fit(new_model(), [C.BackupAndRestore(str(backup_dir))], epochs=1)
+    assert not backup_dir.exists()  # the stale temp file did not keep the folder
+
+
+def test_fit_outside_the_main_thread_leaves_sigterm_alone(tmp_path):
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    errors = []
+
+    def run():
+        try:
+            fit(new_model(), [C.BackupAndRestore(str(tmp_path / "b"))], epochs=1)
+        except BaseException as e:  # signal.signal raises ValueError off the main thread
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert errors == [] and signal.getsignal(signal.SIGTERM) is before
