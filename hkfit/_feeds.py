@@ -33,6 +33,7 @@ import numpy as np
 
 from hkfit import _compat
 from hkfit import _data as data_lib
+from hkfit import _row_blocks as row_blocks
 from hkfit.step import Batch
 
 CHUNK_BYTES = 8 << 20
@@ -183,23 +184,55 @@ class TrainArrays:
         accumulation_steps: int = 1,
     ):
         micro_batch_size = layout.local_batch_size(batch_size)
+        self.n = data_lib.num_rows(data.x, "x")
+        self.shuffle, self.layout = shuffle, layout
+        small = _nbytes(data) <= BUCKET_MAX_BYTES
+        self.blocks: row_blocks.BlockPlan | None = None
+        if layout.shards_rows:  # one block of rows per device
+            _, count = layout.local_blocks()
+            plan = row_blocks.BlockPlan(self.n, count)
+            self.blocks = row_blocks.BlockPlan(
+                self.n, count, bucket(plan.capacity) if small else plan.capacity
+            )
+            self.local_batch_size = micro_batch_size // count * accumulation_steps
+            micro_batch_size = batch_size  # the gathered batch is the global batch
         self.accumulation = (
             (accumulation_steps, micro_batch_size) if accumulation_steps > 1 else None
         )
         self.batch_size = micro_batch_size * accumulation_steps
-        self.n = data_lib.num_rows(data.x, "x")
-        self.shuffle, self.layout = shuffle, layout
-        self.num_full = self.n // self.batch_size
-        self.has_tail = self.n % self.batch_size > 0
+        if self.blocks is not None:
+            self.num_full = int(self.blocks.counts.min()) // self.local_batch_size
+            self.has_tail = self.num_full * self.local_batch_size * count < self.n
+        else:
+            self.num_full = self.n // self.batch_size
+            self.has_tail = self.n % self.batch_size > 0
         if steps_per_epoch is not None and steps_per_epoch < self.num_full + self.has_tail:
             self.num_full, self.has_tail = steps_per_epoch, False
         self.steps: int | None = self.num_full + self.has_tail
-        # rows on the device: a few shapes serve many sizes (small datasets only, where a
-        # padded host copy costs little and compilation dominates a fit)
-        small = _nbytes(data) <= BUCKET_MAX_BYTES
-        self.rows = bucket(self.n) if small else self.n
-        self.data = layout.place_rows(pad_rows(data, self.rows))
+        if self.blocks is not None:
+            self.rows = self.blocks.capacity
+            self.data = layout.place_blocks(self.blocks.split(data))
+        else:
+            # rows on the device: a few shapes serve many sizes (small datasets only, where
+            # a padded host copy costs little and compilation dominates a fit)
+            self.rows = bucket(self.n) if small else self.n
+            self.data = layout.place_rows(pad_rows(data, self.rows))
         self.exhausted = False
+
+    def _blocked_order(self, key: jax.Array, epoch_index: int) -> tuple[np.ndarray, Any]:
+        assert self.blocks is not None
+        full, tail = self.blocks.epoch_order(
+            key,
+            epoch_index,
+            local_batch_size=self.local_batch_size,
+            shuffle=self.shuffle,
+            processes=jax.process_count(),
+        )
+        full = full[: self.num_full] if self.num_full else full[:1]
+        if not self.has_tail:
+            tail = None  # steps_per_epoch cut the epoch before the leftover rows
+        filler = np.full((bucket(len(full)) - len(full), *full.shape[1:]), self.rows, np.int32)
+        return np.concatenate([full, filler]), None if tail is None else tuple(tail)
 
     def segments(
         self,
@@ -222,24 +255,32 @@ class TrainArrays:
             and not program.couples_rows
             and _compat.threefry_partitionable()
         )
-        full, tail = data_lib.epoch_order(
-            key,
-            epoch_index,
-            num_rows=self.n,
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            pad_tail=pad,
-        )
-        if not self.has_tail:
-            tail = None  # steps_per_epoch cut the epoch before the leftover rows
-        num_batches = len(full)
-        full = np.where(full >= self.n, self.rows, full)  # padding: past the padded rows
-        full = np.concatenate(  # never-run batches: one shape serves many batch counts
-            [full, np.full((bucket(num_batches) - num_batches, self.batch_size), self.rows)]
-        ).astype(np.int32)
+        if self.blocks is not None:
+            full, tail = self._blocked_order(key, epoch_index)
+        else:
+            full, tail = data_lib.epoch_order(
+                key,
+                epoch_index,
+                num_rows=self.n,
+                batch_size=self.batch_size,
+                shuffle=self.shuffle,
+                pad_tail=pad,
+            )
+            if not self.has_tail:
+                tail = None  # steps_per_epoch cut the epoch before the leftover rows
+            num_batches = len(full)
+            full = np.where(full >= self.n, self.rows, full)  # padding: past the padded rows
+            full = np.concatenate(  # never-run batches: one shape serves many batch counts
+                [full, np.full((bucket(num_batches) - num_batches, self.batch_size), self.rows)]
+            ).astype(np.int32)
         full, tail = self.layout.place_state((full, tail))
-        fn = program.train_run(ts, fused, self.accumulation)
-        one = program.train_run(ts, False, self.accumulation) if single and fused else None
+        blocked = self.blocks is not None
+        fn = program.train_run(ts, fused, self.accumulation, blocked=blocked)
+        one = (
+            program.train_run(ts, False, self.accumulation, blocked=blocked)
+            if single and fused
+            else None
+        )
 
         def runner(idx, f=fn):
             return lambda carry, start, count: f(*carry, self.data, idx, start, count)
@@ -451,11 +492,28 @@ class EvalArrays:
         self.n = data_lib.num_rows(data.x, "x")
         self.batch_size = min(batch_size, self.n)
         self.on_host = not resident and layout.streams_inference
-        self.data = data if self.on_host else layout.place_rows(data)
+        self.layout, self._host = layout, data
+        self.blocks: row_blocks.BlockPlan | None = None
+        if self.on_host:
+            self.data = data
+        elif layout.shards_rows:  # one block of rows per device
+            self.blocks = row_blocks.BlockPlan(self.n, layout.local_blocks()[1])
+            self.data = layout.place_blocks(self.blocks.split(data))
+            self.local_width = -(-self.batch_size // layout.num_replicas)
+        else:
+            self.data = layout.place_rows(data)
 
     def num_batches(self, steps: int | None = None) -> int:
-        total = math.ceil(self.n / self.batch_size)
+        if self.blocks is not None:
+            total = math.ceil(self.blocks.capacity / self.local_width)
+        else:
+            total = math.ceil(self.n / self.batch_size)
         return total if steps is None else min(total, steps)
+
+    def _replicated(self) -> None:
+        """Places the rows on every device instead of in blocks (for coupled rows)."""
+        if self.blocks is not None:
+            self.blocks, self.data = None, self.layout.place_rows(self._host)
 
     def segments(
         self, program: Any, params: Any, state: Any, fused: bool, steps: int | None = None
@@ -463,9 +521,12 @@ class EvalArrays:
         """The run's segments; the carry is the metric states (``logs``).
 
         A program whose batches couple their rows (``program.couples_rows``) runs a short
-        last batch at its real size instead of padding it.
+        last batch at its real size instead of padding it (and takes its batches in the
+        one-device order, so rows in per-device blocks are first placed on every device).
         """
-        fn = program.eval_run(self.batch_size, fused)
+        if program.couples_rows:
+            self._replicated()
+        fn = program.eval_run(self.batch_size, fused, blocked=self.blocks is not None)
         batches = self.num_batches(steps)
         tail = None
         if program.couples_rows and batches * self.batch_size > self.n:

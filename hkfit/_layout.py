@@ -17,11 +17,12 @@ The parameter-sharding rules of ``DataParallel`` are their own small class,
 :class:`ShardingRules`.
 
 ``DataParallel`` lays data out as follows. ``fit`` and ``evaluate`` put an array dataset
-on the devices once, *replicated*, and gather each batch inside the compiled loop by row
-indices; the gathered batch is then constrained to ``P("data")``, so each device runs
-the forward and backward pass on its slice only. Gathers stay local (no communication);
-datasets that do not fit on every device should be fed as an iterable of batches, which
-are placed already split.
+on the devices once and gather each batch inside the compiled loop by row indices; the
+gathered batch is then constrained to ``P("data")``, so each device runs the forward and
+backward pass on its slice only. With ``data_placement="sharded"`` (the default) each
+device holds one block of the rows and gathers its slice of every batch from it
+(:mod:`hkfit._row_blocks`); with ``"replicated"`` every device holds every row. Either
+way the gathers are local (no communication). ``predict`` places its inputs replicated.
 
 Multi-host: each process passes ITS OWN shard of the data (the same number of rows
 everywhere). A process shuffles its shard with the shared seed, so all processes draw the
@@ -56,6 +57,7 @@ class SingleDevice:
 
     pads_train_tail = True
     streams_inference = True
+    shards_rows = False
 
     def __repr__(self) -> str:
         return "SingleDevice()"
@@ -215,6 +217,9 @@ class FullySharded(ShardingRules):
         return PartitionSpec(*([None] * dim), self.axis_name)
 
 
+#: The values of ``DataParallel(data_placement=...)``.
+DATA_PLACEMENTS = ("sharded", "replicated")
+
 #: Parameters with fewer elements stay replicated under ``param_sharding="fsdp"``.
 FSDP_MIN_SIZE = 2**14
 
@@ -245,6 +250,12 @@ class DataParallel:
         :class:`FullySharded`). Parameters no rule matches stay replicated, also after
         training: the training step's output shardings are pinned, so it compiles once
         per fit.
+      data_placement: where ``fit`` and ``evaluate`` keep array datasets on the devices.
+        ``"sharded"`` (the default): each device holds its own block of about
+        ``1/N`` of the rows (see :mod:`hkfit._row_blocks`) and shuffles it with
+        ``(seed, epoch, device)``; global batch ``b`` is the concatenation of every
+        device's local batch ``b``. ``"replicated"``: every device holds every row, and
+        the batches are exactly those of a one-device run with the same seed.
 
     Raises:
       ValueError: on a mesh that does not fit the devices, or a rule naming an axis
@@ -266,7 +277,14 @@ class DataParallel:
         *,
         mesh_shape: dict[str, int] | None = None,
         param_sharding: Sequence[tuple[str, PartitionSpec]] | str | None = None,
+        data_placement: str = "sharded",
     ):
+        if data_placement not in DATA_PLACEMENTS:
+            raise ValueError(
+                f"Expected `data_placement` to be one of {list(DATA_PLACEMENTS)}. "
+                f"Received: data_placement={data_placement!r}."
+            )
+        self.data_placement = data_placement
         devices = list(jax.devices() if devices is None else devices)
         if not devices:
             raise ValueError("Expected at least one device in `devices`. Received: [].")
@@ -304,7 +322,48 @@ class DataParallel:
             self.param_sharding = ShardingRules(param_sharding or [], mesh_shape)
 
     def __repr__(self) -> str:
-        return f"DataParallel(mesh={dict(self.mesh.shape)}, axis_name={self.axis_name!r})"
+        return (
+            f"DataParallel(mesh={dict(self.mesh.shape)}, axis_name={self.axis_name!r}, "
+            f"data_placement={self.data_placement!r})"
+        )
+
+    @property
+    def shards_rows(self) -> bool:
+        """Whether ``fit`` / ``evaluate`` keep array datasets in per-device blocks."""
+        return self.data_placement == "sharded"
+
+    def local_blocks(self) -> tuple[int, int]:
+        """``(first, count)``: the data-axis positions whose blocks this process feeds.
+
+        Raises:
+          ValueError: if this process's devices are not one contiguous run of the data
+            axis (a mesh built so cannot take per-process row blocks).
+        """
+        if jax.process_count() == 1:
+            return 0, self.num_replicas
+        axis = self.mesh.axis_names.index(self.axis_name)
+        mine = np.vectorize(lambda d: d.process_index == jax.process_index())(self.mesh.devices)
+        positions = sorted(set(np.nonzero(mine)[axis].tolist()))
+        if positions != list(range(positions[0], positions[0] + len(positions))):
+            raise ValueError(
+                "Expected this process's devices to be one contiguous run of the "
+                f"{self.axis_name!r} mesh axis for data_placement='sharded'. Received: "
+                f"positions {positions}. Use data_placement='replicated'."
+            )
+        return positions[0], len(positions)
+
+    def place_blocks(self, tree: PyTree) -> PyTree:
+        """Puts per-device row blocks ``[local blocks, rows, ...]`` (this process's
+        blocks) on their devices: axis 0 is split over the data axis."""
+        sharding = NamedSharding(self.mesh, PartitionSpec(self.axis_name))
+        if jax.process_count() == 1:
+            return jax.device_put(tree, sharding)
+        return jax.tree_util.tree_map(
+            lambda a: jax.make_array_from_process_local_data(
+                sharding, np.asarray(a), (self.num_replicas, *np.shape(a)[1:])
+            ),
+            tree,
+        )
 
     # --- Placement ---
 
@@ -436,9 +495,15 @@ class DataParallel:
 
         ``kind`` is ``"train"``, ``"eval"`` or ``"predict"``: a ``shard_batch`` layout
         for gathered batches, and for eval/predict the ``multiple`` their batches are
-        padded to.
+        padded to. ``"train_blocks"`` / ``"eval_blocks"`` are for data in per-device row
+        blocks (``data_placement="sharded"``; eval also gets the number of ``blocks``).
         """
         processes = jax.process_count()
+        if kind in ("train_blocks", "eval_blocks"):  # per-device row blocks: nothing to merge
+            options: dict[str, Any] = {"shard_batch": self._split_evenly}
+            if kind == "eval_blocks":
+                options["blocks"] = self.num_replicas
+            return options
         merge = processes > 1 and kind in ("train", "eval")
 
         def shard_batch(tree):
@@ -446,10 +511,7 @@ class DataParallel:
                 tree = jax.tree_util.tree_map(
                     lambda a: jnp.swapaxes(a, 0, 1).reshape((-1, *a.shape[2:])), tree
                 )
-            rows = jax.tree_util.tree_leaves(tree)[0].shape[0]
-            if rows % self.num_replicas:
-                return tree  # unsplit: every row still counts, exactly
-            return jax.lax.with_sharding_constraint(tree, self.batch_sharding)
+            return self._split_evenly(tree)
 
         if kind == "train":
             return {"shard_batch": shard_batch}
@@ -459,3 +521,10 @@ class DataParallel:
             else self.num_replicas
         )
         return {"shard_batch": shard_batch, "multiple": per_process}
+
+    def _split_evenly(self, tree: PyTree) -> PyTree:
+        """A batch split over the data axis when its rows divide it, else left whole."""
+        rows = jax.tree_util.tree_leaves(tree)[0].shape[0]
+        if rows % self.num_replicas:
+            return tree  # unsplit: every row still counts, exactly
+        return jax.lax.with_sharding_constraint(tree, self.batch_sharding)

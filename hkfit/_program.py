@@ -158,17 +158,23 @@ class Program:
         return self._cached(("grouped", steps), build)
 
     def train_run(
-        self, ts: TrainState, fuse: bool, accumulation: tuple[int, int] | None = None
+        self,
+        ts: TrainState,
+        fuse: bool,
+        accumulation: tuple[int, int] | None = None,
+        *,
+        blocked: bool = False,
     ) -> Callable:
         """``(ts, logs, data, idx, start, count) -> (ts, logs)`` over device-resident rows.
 
         With ``accumulation=(steps, micro_batch_size)`` each batch of ``idx`` is a
         macro-batch, cut into micro-batches whose gradients are accumulated into one
-        optimizer step (see ``hkfit._accumulate``).
+        optimizer step (see ``hkfit._accumulate``). ``blocked``: the rows are in
+        per-device blocks (see :func:`hkfit.step.make_fused_train`).
         """
 
         def build():
-            options = self.layout.step_options("train")
+            options = self.layout.step_options("train_blocks" if blocked else "train")
             if accumulation is None:
                 step = self._train_step()
             else:
@@ -185,10 +191,12 @@ class Program:
                     unroll=self._loops_help is False,  # e.g. convolutions on CPU
                     loss_scaling=self.loss_scaling,
                 )
+            if blocked:
+                options.update(blocked=True, groups=accumulation[0] if accumulation else 1)
             run = step_lib.make_fused_train(step, fuse=fuse, **options)
             return self._jit_train(run, ts)
 
-        return self._cached(("train_run", fuse, accumulation), build)
+        return self._cached(("train_run", fuse, accumulation, blocked), build)
 
     # --- Inference ---
 
@@ -219,17 +227,17 @@ class Program:
 
         return self._cached(("eval",), build)
 
-    def eval_run(self, batch_size: int, fuse: bool) -> Callable:
-        """``(params, state, offset, logs, data, start, count) -> logs`` over rows of data."""
+    def eval_run(self, batch_size: int, fuse: bool, *, blocked: bool = False) -> Callable:
+        """``(params, state, offset, logs, data, start, count) -> logs`` over rows of data
+        (in per-device blocks with ``blocked``)."""
 
         def build():
             step = self._keyed_eval_step()
-            run = step_lib.make_fused_eval(
-                step, batch_size, fuse, keyed=True, **self.layout.step_options("eval")
-            )
+            options = self.layout.step_options("eval_blocks" if blocked else "eval")
+            run = step_lib.make_fused_eval(step, batch_size, fuse, keyed=True, **options)
             return self._jit_keyed(run)
 
-        return self._cached(("eval_run", batch_size, fuse), build)
+        return self._cached(("eval_run", batch_size, fuse, blocked), build)
 
     def predict_step(self) -> Callable:
         """``(params, state, x, index) -> y`` for batch ``index`` of a run."""

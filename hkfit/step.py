@@ -435,7 +435,12 @@ def _identity(tree: PyTree) -> PyTree:
 
 
 def make_fused_train(
-    train_step: Callable, fuse: bool = True, shard_batch: Callable | None = None
+    train_step: Callable,
+    fuse: bool = True,
+    shard_batch: Callable | None = None,
+    *,
+    blocked: bool = False,
+    groups: int = 1,
 ) -> Callable:
     """Runs many training steps per call over a dataset that lives on the device.
 
@@ -454,10 +459,20 @@ def make_fused_train(
 
     ``shard_batch`` (from a distribution, see ``DataParallel.step_options``) lays out each
     gathered batch, e.g. ``jax.lax.with_sharding_constraint`` over the devices.
+
+    ``blocked=True``: ``data`` holds one block of rows per device, ``[blocks, rows, ...]``
+    (see :mod:`hkfit._row_blocks`), and ``idx[num_batches, blocks, local_rows]`` holds
+    local row positions; each device gathers from its own block, and the batch is the
+    concatenation of the blocks' rows. The short last batch's ``idx`` is a pair ``(local
+    [1, blocks, width], keep)`` that keeps only the real rows. With ``groups=N``
+    (gradient accumulation) each block's rows are cut into N parts, and the batch is
+    ordered part-major, so that every micro-batch takes rows from every block.
     """
     shard = shard_batch or _identity
 
     def one(ts, logs, data: Batch, idx, b):
+        if blocked:
+            return train_step(ts, logs, shard(_blocked_batch(data, idx, b, groups)))
         rows = jax.lax.dynamic_index_in_dim(idx, b, keepdims=False)
         n = num_rows_of(data.x)
         batch = gather(data, jnp.minimum(rows, n - 1))  # rows >= n are zero-weight padding
@@ -472,6 +487,29 @@ def make_fused_train(
         )
 
     return run
+
+
+def _blocked_batch(data: Batch, idx: Any, b: Any, groups: int = 1) -> Batch:
+    """Batch ``b`` of data laid out in per-device blocks (see :func:`make_fused_train`)."""
+    local, keep = idx if isinstance(idx, tuple) else (idx, None)
+    rows = jax.lax.dynamic_index_in_dim(local, b, keepdims=False)  # [blocks, local_rows]
+    capacity = jax.tree_util.tree_leaves(data.x)[0].shape[1]
+    safe = jnp.minimum(rows, capacity - 1)  # rows >= capacity are zero-weight padding
+    blocks, width = rows.shape
+    part_major = keep is None and groups > 1
+
+    def take(a):
+        taken = jax.vmap(lambda block, r: jnp.take(block, r, axis=0))(a, safe)
+        if part_major:  # [blocks, groups * w] -> [groups, blocks, w]
+            taken = taken.reshape((blocks, groups, width // groups, *taken.shape[2:]))
+            taken = jnp.swapaxes(taken, 0, 1)
+        return taken.reshape((-1, *taken.shape[(3 if part_major else 2) :]))
+
+    valid = rows < capacity
+    if part_major:
+        valid = jnp.swapaxes(valid.reshape((blocks, groups, width // groups)), 0, 1)
+    batch = _masked(jax.tree_util.tree_map(take, data), valid.reshape(-1))
+    return batch if keep is None else gather(batch, keep)
 
 
 def _masked(batch: Batch, valid: jax.Array) -> Batch:
@@ -521,6 +559,7 @@ def make_fused_eval(
     multiple: int = 1,
     *,
     keyed: bool = False,
+    blocks: int = 0,
 ) -> Callable:
     """``run(params, state, logs, data, start, count) -> logs`` over batches of a dataset.
 
@@ -534,18 +573,27 @@ def make_fused_eval(
     call, no compiled loop (see :func:`make_fused_train`). With a distribution, batches
     are padded the same way to a multiple of ``multiple`` rows and laid out by
     ``shard_batch``.
+
+    ``blocks=N``: ``data`` holds one block of rows per device, ``[N, rows, ...]`` (see
+    :mod:`hkfit._row_blocks`); batch ``b`` takes rows ``b * w .. (b + 1) * w - 1`` of
+    every block, ``w = ceil(batch_size / N)``.
     """
     shard = shard_batch or _identity
     width = _padded_width(batch_size, multiple)
+    local_width = -(-batch_size // max(blocks, 1))
+
+    def gathered(data: Batch, b) -> Batch:
+        if blocks:
+            positions = b * local_width + jnp.arange(local_width, dtype=jnp.int32)
+            local = jnp.broadcast_to(positions, (blocks, local_width))[None]
+            return _blocked_batch(data, local, 0)
+        rows, valid = padded_rows(b, batch_size, num_rows_of(data.x), width)
+        # a distribution may stack axes after the row axis (weights [rows, ...])
+        return _masked(gather(data, rows), valid)
 
     def run_keyed(params, state, rng, offset, logs, data: Batch, start, count):
-        n = num_rows_of(data.x)
-
         def body(j, logs):
-            rows, valid = padded_rows(start + j, batch_size, n, width)
-            batch = gather(data, rows)
-            # a distribution may stack axes after the row axis (weights [rows, ...])
-            batch = shard(_masked(batch, valid))
+            batch = shard(gathered(data, start + j))
             keys = () if rng is None else (batch_key(rng, offset + start + j),)
             return eval_step(params, state, logs, batch, *keys)
 

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import hkfit
 from hkfit import distributed
+from hkfit._row_blocks import BlockPlan
 from hkfit.step import Batch
 
 N, BATCH = 203, 16  # 203 % 16 = 11 rows in each epoch's last batch, not a multiple of 8
@@ -67,7 +68,7 @@ def runs():
     """The same fit/evaluate/predict on one device and data-parallel over 8 devices."""
     x, y = _data()
     out = {}
-    for name, dist in (("single", None), ("dp", hkfit.DataParallel())):
+    for name, dist in (("single", None), ("dp", hkfit.DataParallel(data_placement="replicated"))):
         model = _model(distribution=dist)
         history = model.fit(
             x, y, batch_size=BATCH, epochs=2, shuffle=True, verbose=0, validation_split=0.1
@@ -171,7 +172,9 @@ def test_iterable_fit_matches_single_device():
 def test_param_sharding_on_2d_mesh():
     x, y = _data(64)
     dp = hkfit.DataParallel(
-        mesh_shape={"data": 4, "model": 2}, param_sharding=[(r"^linear/w$", P(None, "model"))]
+        mesh_shape={"data": 4, "model": 2},
+        param_sharding=[(r"^linear/w$", P(None, "model"))],
+        data_placement="replicated",  # the one-device batches
     )
     single, sharded = _model(_mlp_forward), _model(_mlp_forward, dp)
     for model in (single, sharded):
@@ -290,25 +293,60 @@ _JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:2])
 LOCAL_DEVICES = 2 if _JAX_VERSION >= (0, 5) else 1
 
 
+PLACEMENTS = ("replicated", "sharded")
+
+
 def _worker(pid: int, port: int, outdir: str) -> None:
     distributed.initialize(f"127.0.0.1:{port}", PROCS, pid)
     x, y = _data(PROCS * LOCAL_ROWS, seed=1)
     mine = slice(pid * LOCAL_ROWS, (pid + 1) * LOCAL_ROWS)
-    model = _model(distribution=hkfit.DataParallel())
-    history = model.fit(x[mine], y[mine], batch_size=MP_BATCH, epochs=1, shuffle=False, verbose=2)
-    evaluate = model.evaluate(x[mine], y[mine], batch_size=10, verbose=0)
-    result = {
-        "history": history.history,
-        "evaluate": evaluate,
-        "devices": jax.device_count(),
-        "processes": jax.process_count(),
-        # single batches from each process: 4 + 4 rows (split) and 5 + 5 rows
-        "batches": [model.test_on_batch(x[mine][:k], y[mine][:k]) for k in (4, 5)],
-    }
-    params = {f"{m}/{n}": np.asarray(v) for m, d in model.params.items() for n, v in d.items()}
-    np.savez(os.path.join(outdir, f"params{pid}.npz"), predict=model.predict(x[:7]), **params)
-    with open(os.path.join(outdir, f"result{pid}.json"), "w") as f:
-        json.dump(result, f)
+    for placement in PLACEMENTS:
+        model = _model(distribution=hkfit.DataParallel(data_placement=placement))
+        history = model.fit(
+            x[mine], y[mine], batch_size=MP_BATCH, epochs=1, shuffle=False, verbose=2
+        )
+        evaluate = model.evaluate(x[mine], y[mine], batch_size=10, verbose=0)
+        result = {
+            "history": history.history,
+            "evaluate": evaluate,
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            # single batches from each process: 4 + 4 rows (split) and 5 + 5 rows
+            "batches": [model.test_on_batch(x[mine][:k], y[mine][:k]) for k in (4, 5)],
+        }
+        params = {f"{m}/{n}": np.asarray(v) for m, d in model.params.items() for n, v in d.items()}
+        out = os.path.join(outdir, f"{placement}{pid}")
+        np.savez(out + ".npz", predict=model.predict(x[:7]), **params)
+        with open(out + ".json", "w") as f:
+            json.dump(result, f)
+
+
+def _multihost_order(placement: str) -> list[int]:
+    """The rows of the global batches, in order, as one process would see them."""
+    if placement == "replicated":  # batch b: process 0's local batch b, then process 1's
+        local = MP_BATCH // PROCS
+        return [
+            p * LOCAL_ROWS + r
+            for start in range(0, LOCAL_ROWS, local)
+            for p in range(PROCS)
+            for r in range(start, min(start + local, LOCAL_ROWS))
+        ]
+    # sharded: each process cuts its rows into one block per local device; batch b is
+    # every block's local batch b, and the leftover rows of every block end the epoch
+    plan = BlockPlan(LOCAL_ROWS, LOCAL_DEVICES)
+    full, tail = plan.epoch_order(
+        jax.random.key(0),
+        0,
+        local_batch_size=MP_BATCH // (PROCS * LOCAL_DEVICES),
+        shuffle=False,
+        processes=PROCS,
+    )
+    starts = [p * LOCAL_ROWS + offset for p in range(PROCS) for offset in plan.offsets]
+    order = [starts[g] + r for batch in full for g, rows in enumerate(batch) for r in rows]
+    if tail is not None:
+        flat = (np.asarray(starts)[:, None] + tail.local[0]).reshape(-1)
+        order += flat[tail.keep].tolist()
+    return order
 
 
 def _free_port() -> int:
@@ -351,33 +389,35 @@ def test_two_processes_train_together(tmp_path):
         assert proc.returncode == 0, out[-3000:]
     assert "Epoch 1/1" in outputs[0] and "Epoch 1/1" not in outputs[1]  # process 0 prints
 
-    results = [json.load(open(tmp_path / f"result{pid}.json")) for pid in range(PROCS)]
-    params = [dict(np.load(tmp_path / f"params{pid}.npz")) for pid in range(PROCS)]
-    assert results[0]["devices"] == PROCS * LOCAL_DEVICES and results[0]["processes"] == PROCS
-    chex.assert_trees_all_equal(params[0], params[1])
-    assert results[0] == results[1]
-
-    # One process, same global batches: batch b is process 0's rows of local batch b, then
-    # process 1's (4 + 4 rows), and the last batch is 3 + 3 rows.
     x, y = _data(PROCS * LOCAL_ROWS, seed=1)
-    local = MP_BATCH // PROCS
-    order = [
-        p * LOCAL_ROWS + r
-        for start in range(0, LOCAL_ROWS, local)
-        for p in range(PROCS)
-        for r in range(start, min(start + local, LOCAL_ROWS))
-    ]
-    model = _model()
-    history = model.fit(x[order], y[order], batch_size=MP_BATCH, epochs=1, shuffle=False, verbose=0)
-    chex.assert_trees_all_close(results[0]["history"], history.history, atol=1e-5)
-    chex.assert_trees_all_close(results[0]["evaluate"], model.evaluate(x, y, verbose=0), atol=1e-5)
-    for k, logs in zip((4, 5), results[0]["batches"]):
-        rows = [p * LOCAL_ROWS + r for p in range(PROCS) for r in range(k)]
-        chex.assert_trees_all_close(logs, model.test_on_batch(x[rows], y[rows]), atol=1e-5)
-    expected = {f"{m}/{n}": np.asarray(v) for m, d in model.params.items() for n, v in d.items()}
-    predict = params[0].pop("predict")
-    chex.assert_trees_all_close(params[0], expected, atol=1e-5)
-    chex.assert_trees_all_close(predict, model.predict(x[:7]), atol=1e-5)
+    for placement in PLACEMENTS:
+        results = [json.load(open(tmp_path / f"{placement}{pid}.json")) for pid in range(PROCS)]
+        params = [dict(np.load(tmp_path / f"{placement}{pid}.npz")) for pid in range(PROCS)]
+        assert results[0]["devices"] == PROCS * LOCAL_DEVICES
+        assert results[0]["processes"] == PROCS
+        chex.assert_trees_all_equal(params[0], params[1])
+        assert results[0] == results[1]
+
+        # One process fed the same global batches, in order (the last one: 3 + 3 rows)
+        order = _multihost_order(placement)
+        assert sorted(order) == list(range(PROCS * LOCAL_ROWS))
+        model = _model()
+        history = model.fit(
+            x[order], y[order], batch_size=MP_BATCH, epochs=1, shuffle=False, verbose=0
+        )
+        chex.assert_trees_all_close(results[0]["history"], history.history, atol=1e-5)
+        chex.assert_trees_all_close(
+            results[0]["evaluate"], model.evaluate(x, y, verbose=0), atol=1e-5
+        )
+        for k, logs in zip((4, 5), results[0]["batches"]):
+            rows = [p * LOCAL_ROWS + r for p in range(PROCS) for r in range(k)]
+            chex.assert_trees_all_close(logs, model.test_on_batch(x[rows], y[rows]), atol=1e-5)
+        expected = {
+            f"{m}/{n}": np.asarray(v) for m, d in model.params.items() for n, v in d.items()
+        }
+        predict = params[0].pop("predict")
+        chex.assert_trees_all_close(params[0], expected, atol=1e-5)
+        chex.assert_trees_all_close(predict, model.predict(x[:7]), atol=1e-5)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

