@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
+
+from hkfit import _executables as executables
 
 _AXIS_TYPE = getattr(jax.sharding, "AxisType", None)
 
@@ -80,13 +81,9 @@ def run_compiled_once(fn: Callable, *args: Any) -> Any:
     if jax.default_backend() != "cpu":
         return jitted(*args)
     lowered = jitted.lower(*args)  # traces fn once; its errors propagate from here
-    avals = [  # unused arguments are pruned from the text, but the executable checks them
-        (getattr(a, "shape", None), str(getattr(a, "dtype", type(a))))
-        for a in jax.tree_util.tree_leaves(args)
-    ]
-    # the trees too: two forwards may compile to the same text with other param names
-    trees = f"{lowered.in_tree}\n{lowered.out_tree}"
-    key = hashlib.sha256(f"{avals}\n{trees}\n{lowered.as_text()}".encode()).hexdigest()
+    # the argument shapes (unused ones are pruned from the text, but the executable checks
+    # them) and trees (two forwards may compile to the same text with other param names)
+    key = executables.program_key(lowered, args)
     compiled = _ONCE_CACHE.pop(key, None)
     if compiled is None:
         try:

@@ -21,6 +21,7 @@ import numpy as np
 from hkfit import _accumulate as accumulate
 from hkfit import _custom as custom_lib
 from hkfit import _eager as eager
+from hkfit import _executables as executables
 from hkfit import _pacing
 from hkfit import step as step_lib
 from hkfit._forward import Forward
@@ -116,7 +117,7 @@ class Program:
         if shardings is not None:  # pinned: unmatched parameters stay replicated
             logs = jax.tree_util.tree_map(lambda _: shardings.step, self.empty_logs(True))
             kwargs["out_shardings"] = (shardings, logs)
-        return jax.jit(step, **kwargs)
+        return executables.shared(step, fixed=2, **kwargs)  # a rebuilt model: no compile
 
     def _train_step(self) -> Callable:
         if self.custom_step is not None:
@@ -268,10 +269,11 @@ class Program:
     def _jit_keyed(self, run: Callable) -> Callable:
         """Jits a keyed fused run with the inference key bound; its carry is donated."""
         key = self.inference_key
-        return jax.jit(
+        return executables.shared(
             lambda params, state, offset, carry, data, start, count: run(
                 params, state, key, offset, carry, data, start, count
             ),
+            fixed=2,
             donate_argnums=(3,),
         )
 

@@ -2,8 +2,14 @@
 
 import pytest
 
-from hkfit import _pacing
+from hkfit import _executables, _pacing
 from hkfit._pacing import Pacer
+
+
+@pytest.fixture(autouse=True)
+def no_cached_programs(monkeypatch):
+    """The fake clock alone says what a compilation costs."""
+    monkeypatch.setattr(_executables, "last_compile_seconds", 0.0)
 
 
 class FakeClock:
@@ -126,3 +132,21 @@ def test_the_payback_rule_uses_the_measured_compile_time():
     assert not pacer._worth_probing()
     pacer.expect(_pacing.PROBE_PAYBACK * 2_000)
     assert pacer._worth_probing()
+
+
+def test_a_program_from_the_cache_is_charged_its_real_compile_time(monkeypatch):
+    """A rebuilt model's first call compiles nothing, but a probe of the other variant
+    would: the payback rule uses what the cached program cost when it was compiled."""
+    clock = FakeClock()
+    monkeypatch.setattr(_executables, "last_compile_seconds", 5.0)
+    pacer = Pacer("auto", compare=True, clock=clock)
+    # 1,000 planned steps of about 1 ms: 1 s < 10 x 5 s, not worth compiling the other
+    used = drive(pacer, clock, fused_cost(1e-3, 1e-4), calls=8, compile_seconds=0.0, expect=1000)
+    assert pacer.compile_seconds == 5.0
+    assert {single for single, _ in used} == {False} and not pacer.syncs
+    # the same run with the compilation really paid now: also no probe (the control)
+    clock, fresh = FakeClock(), Pacer("auto", compare=True, clock=FakeClock())
+    monkeypatch.setattr(_executables, "last_compile_seconds", 0.0)
+    fresh.clock = clock
+    used = drive(fresh, clock, fused_cost(1e-3, 1e-4), calls=8, compile_seconds=0.0, expect=1000)
+    assert {single for single, _ in used} == {False, True}  # cheap compiles: it probes
