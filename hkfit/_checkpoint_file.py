@@ -4,18 +4,26 @@ Everything here treats the file as untrusted input: nothing is read before it is
 be a regular file, no member is decompressed, no array is allocated before its ``.npy``
 header, its declared size and the metadata agree, and every error is a ``ValueError``
 that names the file.
+
+A manifest (format version 2: some arrays are stored in per-process shard files) is read
+here like any checkpoint file, with its ``shards`` record and the ``pieces`` of its
+sharded entries checked too (bounds, and blocks that tile each array exactly); the shard
+files themselves are read by :mod:`hkfit._shard_files`, with the helpers below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import reprlib
 import stat
 import zipfile
+from collections.abc import Callable, Iterator
 from typing import IO, Any, BinaryIO
 
 import jax
@@ -23,13 +31,20 @@ import numpy as np
 
 FORMAT = "hkfit-checkpoint"
 FORMAT_VERSION = 1
+SHARDED_VERSION = 2  # a manifest: some arrays are stored in per-process shard files
+SHARD_FORMAT = "hkfit-checkpoint-shard"
 META_KEY = "__hkfit_meta__"
 META_LIMIT = 64 * 2**20  # bytes of metadata JSON read at most
 MAX_NDIM = 32
 MAX_DIM = 2**62
 _HEADER_LIMIT = 10_000  # bytes of one .npy header, numpy's own default limit
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
-_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+SAVE_ID = re.compile(r"[0-9a-f]{16}\Z")
+#: Shard file ``k`` of ``n`` of the save ``id``: ``<name>.shard-<k>-of-<n>.<id>``.
+SHARD_NAME = re.compile(
+    r"(?P<base>[^/\\\x00]+)\.shard-(?P<k>\d{5,})-of-(?P<n>\d{5,})\.(?P<id>[0-9a-f]{16})\Z"
+)
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
 
@@ -136,7 +151,8 @@ def _check_dtype(path: str, field: str, entry: dict) -> None:
         raise invalid(path, f"{field}.bits", f"{not bits} for dtype {name}", bits)
 
 
-def _check_entry(path: str, i: int, entry: Any) -> None:
+def _check_entry(path: str, i: int, entry: Any, files: int) -> None:
+    """One entry; ``files`` is the number of shard files (0: a single-file checkpoint)."""
     field = f"entries[{i}]"
     if not isinstance(entry, dict):
         raise invalid(path, field, "an object", entry)
@@ -148,39 +164,163 @@ def _check_entry(path: str, i: int, entry: Any) -> None:
     check_shape(path, f"{field}.shape", entry.get("shape"))
     _check_dtype(path, field, entry)
     digest = entry.get("sha256")
-    if digest is not None and not (isinstance(digest, str) and _SHA256.match(digest)):
+    if digest is not None and not (isinstance(digest, str) and SHA256.match(digest)):
         raise invalid(path, f"{field}.sha256", "64 lowercase hex digits", digest)
+    sharded = entry.get("sharded", False)
+    if sharded is not False and (sharded is not True or not files):
+        raise invalid(
+            path, f"{field}.sharded", "false, or true in a file of format version 2", sharded
+        )
+    if sharded:
+        _check_pieces(path, field, entry, files)
+
+
+def _check_pieces(path: str, field: str, entry: dict, files: int) -> None:
+    """The blocks of a sharded entry: each in a shard file, together tiling its array."""
+    pieces = entry.get("pieces")
+    if not isinstance(pieces, list):
+        raise invalid(path, f"{field}.pieces", "a list of objects", pieces)
+    shape = stored_spec(entry)[0]
+    blocks = []
+    for j, piece in enumerate(pieces):
+        where = f"{field}.pieces[{j}]"
+        if not isinstance(piece, dict):
+            raise invalid(path, where, "an object", piece)
+        check_int(path, f"{where}.file", piece.get("file"), files - 1)
+        if not isinstance(piece.get("key"), str) or piece["key"] == META_KEY:
+            raise invalid(path, f"{where}.key", "an array name", piece.get("key"))
+        start = check_shape(path, f"{where}.start", piece.get("start"))
+        stop = check_shape(path, f"{where}.stop", piece.get("stop"))
+        if not len(start) == len(stop) == len(shape) or not all(
+            0 <= a < b <= d for a, b, d in zip(start, stop, shape)
+        ):
+            raise invalid(
+                path,
+                where,
+                f"a block inside the stored shape {list(shape)} (start < stop on every axis)",
+                {"start": list(start), "stop": list(stop)},
+            )
+        blocks.append((start, stop))
+    check_tiling(path, f"{field}.pieces", shape, blocks)
+
+
+def check_tiling(path: str, field: str, shape: tuple, blocks: list[tuple[tuple, tuple]]) -> None:
+    """Checks that ``blocks`` (``(start, stop)`` pairs inside ``shape``) cover it exactly once.
+
+    The cuts of every axis make a grid: each block must be one cell of it, no cell may
+    come twice, and every cell must be there. It costs O(blocks x axes) and allocates
+    nothing whose size ``shape`` sets.
+
+    Raises:
+      ValueError: naming ``path`` and ``field``, for an overlap, a block that is not one
+        cell of the grid, or a gap.
+    """
+    grid = []
+    for axis, size in enumerate(shape):
+        cuts = sorted({0, size, *(b[0][axis] for b in blocks), *(b[1][axis] for b in blocks)})
+        grid.append({cut: i for i, cut in enumerate(cuts)})
+    cells = set()
+    for start, stop in blocks:
+        cell = tuple(grid[axis][a] for axis, a in enumerate(start))
+        whole = all(grid[axis][b] == cell[axis] + 1 for axis, b in enumerate(stop))
+        if not whole or cell in cells:
+            raise invalid(
+                path,
+                field,
+                "blocks of a grid that do not overlap",
+                {"start": list(start), "stop": list(stop)},
+            )
+        cells.add(cell)
+    expected = math.prod(len(cuts) - 1 for cuts in grid)
+    if len(cells) != expected:
+        raise invalid(
+            path,
+            field,
+            f"blocks covering the stored shape {list(shape)}",
+            f"{len(cells)} of {expected} blocks",
+        )
+
+
+def shard_suffix(k: int, n: int, save_id: str) -> str:
+    """What the name of shard file ``k`` of ``n`` of the save ``save_id`` ends with.
+
+    >>> shard_suffix(0, 2, "0123456789abcdef")
+    '.shard-00000-of-00002.0123456789abcdef'
+    """
+    return f".shard-{k:05d}-of-{n:05d}.{save_id}"
+
+
+def _check_shards(path: str, meta: dict) -> int:
+    """The ``shards`` object of a manifest; returns the number of shard files."""
+    shards = meta.get("shards")
+    if not isinstance(shards, dict):
+        raise invalid(path, "shards", "an object with `id` and `files`", shards)
+    save_id = shards.get("id")
+    if not (isinstance(save_id, str) and SAVE_ID.match(save_id)):
+        raise invalid(path, "shards.id", "16 lowercase hex digits", save_id)
+    files = shards.get("files")
+    if not isinstance(files, list) or not files:
+        raise invalid(path, "shards.files", "a non-empty list of objects", files)
+    for k, record in enumerate(files):
+        where = f"shards.files[{k}]"
+        if not isinstance(record, dict):
+            raise invalid(path, where, "an object", record)
+        name = record.get("name")
+        if not (isinstance(name, str) and SHARD_NAME.match(name)) or not name.endswith(
+            shard_suffix(k, len(files), save_id)
+        ):
+            suffix = shard_suffix(k, len(files), save_id)
+            raise invalid(path, f"{where}.name", f"a file name ending in {suffix!r}", name)
+        check_int(path, f"{where}.size", record.get("size"))
+        digest = record.get("sha256")
+        if not (isinstance(digest, str) and SHA256.match(digest)):
+            raise invalid(path, f"{where}.sha256", "64 lowercase hex digits", digest)
+    return len(files)
 
 
 def check_meta(path: str, meta: Any) -> dict:
     """``meta`` if it follows the checkpoint schema (format, version, entries), else a ValueError.
 
     Unknown keys are allowed (the caller's metadata); the model keys are checked by
-    :mod:`hkfit._saving`.
+    :mod:`hkfit._saving`. A manifest (format version 2) also has ``shards``, and its
+    sharded entries list their ``pieces``.
     """
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise Refused(f"{path!r} is not an hkfit checkpoint (format {describe(found)}).")
     version = check_int(path, "format_version", meta.get("format_version", FORMAT_VERSION))
-    if version > FORMAT_VERSION:
+    if version > SHARDED_VERSION:
         raise Refused(
             f"{path!r} uses checkpoint format version {version}; this hkfit reads versions "
-            f"<= {FORMAT_VERSION}. Upgrade hkfit."
+            f"<= {SHARDED_VERSION}. Upgrade hkfit."
         )
     if not isinstance(meta.get("hkfit_version", ""), str):
         raise invalid(path, "hkfit_version", "a string", meta["hkfit_version"])
+    files = _check_shards(path, meta) if version >= SHARDED_VERSION else 0
     entries = meta.get("entries")
     if not isinstance(entries, list):
         raise invalid(path, "entries", "a list of objects", entries)
     for i, entry in enumerate(entries):
-        _check_entry(path, i, entry)
+        _check_entry(path, i, entry, files)
     for name in ("path", "key"):
         seen: set[str] = set()
         for i, entry in enumerate(entries):
             if entry[name] in seen:
                 raise invalid(path, f"entries[{i}].{name}", "unique", entry[name])
             seen.add(entry[name])
+    stored: set[tuple[int, str]] = set()
+    for i, entry in enumerate(entries):
+        for j, piece in enumerate(entry["pieces"] if entry.get("sharded") else ()):
+            if (piece["file"], piece["key"]) in stored:
+                field = f"entries[{i}].pieces[{j}].key"
+                raise invalid(path, field, "unique in its shard file", piece["key"])
+            stored.add((piece["file"], piece["key"]))
     return meta
+
+
+def is_manifest(meta: dict) -> bool:
+    """Whether checked metadata is a manifest (some arrays are in shard files)."""
+    return meta.get("format_version", FORMAT_VERSION) >= SHARDED_VERSION
 
 
 def stored_spec(entry: dict) -> tuple[tuple[int, ...], np.dtype]:
@@ -235,7 +375,8 @@ def _kind(path: str) -> str:
     return "not a regular file"
 
 
-def _check_head(path: str, head: bytes) -> None:
+def check_head(path: str, head: bytes) -> None:
+    """Refuses what is not a zip archive (a pickle, a single ``.npy``...)."""
     if head.startswith(b"PK\x03\x04"):
         return
     if head.startswith(b"\x93NUMPY"):
@@ -270,7 +411,7 @@ def _member_header(path: str, member: IO[bytes], name: str) -> tuple[tuple, bool
     return tuple(shape), bool(fortran), dtype, member.tell()
 
 
-def _read_member(
+def read_member(
     path: str, archive: zipfile.ZipFile, name: str, shape: tuple, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(array, its bytes in C order)`` of member ``name``, checked before allocating."""
@@ -304,7 +445,8 @@ def _info(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo | None:
         return None
 
 
-def _check_compression(path: str, archive: zipfile.ZipFile) -> None:
+def check_compression(path: str, archive: zipfile.ZipFile) -> None:
+    """Refuses an archive with a compressed member (nothing is ever decompressed)."""
     for info in archive.infolist():
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
             raise Refused(
@@ -321,7 +463,10 @@ def _meta_too_big(path: str, size: int) -> Refused:
     )
 
 
-def _read_meta(path: str, archive: zipfile.ZipFile) -> dict:
+def read_meta_member(
+    path: str, archive: zipfile.ZipFile, check: Callable[[str, Any], dict] = check_meta
+) -> dict:
+    """The metadata member of an open archive, checked by ``check(path, meta)``."""
     name = META_KEY + ".npy"
     info = _info(archive, name)
     if info is None:
@@ -334,9 +479,9 @@ def _read_meta(path: str, archive: zipfile.ZipFile) -> dict:
         raise Refused(f"{path!r} is corrupted: its metadata is not a 1-D uint8 array.")
     if shape[0] > META_LIMIT:
         raise _meta_too_big(path, shape[0])
-    _, raw = _read_member(path, archive, name, shape, dtype)
+    _, raw = read_member(path, archive, name, shape, dtype)
     try:
-        return check_meta(path, json.loads(raw.tobytes().decode("utf-8")))
+        return check(path, json.loads(raw.tobytes().decode("utf-8")))
     except Refused:
         raise
     except (UnicodeDecodeError, RecursionError, ValueError) as e:
@@ -346,10 +491,10 @@ def _read_meta(path: str, archive: zipfile.ZipFile) -> dict:
         ) from None
 
 
-def _check_sizes(path: str, archive: zipfile.ZipFile, meta: dict, size: int) -> None:
+def check_sizes(path: str, archive: zipfile.ZipFile, entries: list[dict], size: int) -> None:
     """Every entry has its member, and together they fit in the file (no overlaps)."""
     total = archive.getinfo(META_KEY + ".npy").file_size
-    for entry in meta["entries"]:
+    for entry in entries:
         info = _info(archive, entry["key"] + ".npy")
         if info is None:
             raise Refused(f"{path!r} is corrupted: the array of {entry['path']} is missing.")
@@ -361,7 +506,7 @@ def _check_sizes(path: str, archive: zipfile.ZipFile, meta: dict, size: int) -> 
         )
 
 
-def _refuse_unread_objects(path: str, archive: zipfile.ZipFile, read: set[str]) -> None:
+def refuse_unread_objects(path: str, archive: zipfile.ZipFile, read: set[str]) -> None:
     """Peeks at the headers (only) of the members no entry names: pickles are refused."""
     for info in archive.infolist():
         if info.filename in read or not info.filename.endswith(".npy"):
@@ -375,7 +520,8 @@ def _refuse_unread_objects(path: str, archive: zipfile.ZipFile, read: set[str]) 
             continue
 
 
-def _verify(path: str, entry: dict, raw: np.ndarray) -> None:
+def verify(path: str, entry: dict, raw: np.ndarray) -> None:
+    """Refuses an array whose bytes do not match the ``sha256`` its entry records."""
     digest = entry.get("sha256")
     if digest is not None and hashlib.sha256(raw.data).hexdigest() != digest:
         raise Refused(
@@ -384,39 +530,74 @@ def _verify(path: str, entry: dict, raw: np.ndarray) -> None:
         )
 
 
+def _in_file(meta: dict) -> list[dict]:
+    """The entries whose arrays are in the file itself (not in shard files)."""
+    return [entry for entry in meta["entries"] if not entry.get("sharded")]
+
+
 def _read_archive(path: str, f: BinaryIO) -> tuple[dict, dict[str, np.ndarray]]:
     size = os.fstat(f.fileno()).st_size
-    _check_head(path, f.read(6))
-    f.seek(0)
-    with zipfile.ZipFile(f) as archive:
-        _check_compression(path, archive)
-        meta = _read_meta(path, archive)
-        _check_sizes(path, archive, meta, size)
+    with open_archive(path, f) as archive:
+        meta = read_meta_member(path, archive)
+        entries = _in_file(meta)
+        check_sizes(path, archive, entries, size)
         arrays = {}
-        for entry in meta["entries"]:
+        for entry in entries:
             shape, dtype = stored_spec(entry)
-            array, raw = _read_member(path, archive, entry["key"] + ".npy", shape, dtype)
-            _verify(path, entry, raw)
+            array, raw = read_member(path, archive, entry["key"] + ".npy", shape, dtype)
+            verify(path, entry, raw)
             arrays[entry["key"]] = array
         read = {META_KEY + ".npy"} | {key + ".npy" for key in arrays}
-        _refuse_unread_objects(path, archive, read)
+        refuse_unread_objects(path, archive, read)
     return meta, arrays
+
+
+def open_archive(path: str, f: BinaryIO) -> zipfile.ZipFile:
+    """The zip archive in ``f``, once its head and members' compression are checked."""
+    check_head(path, f.read(6))
+    f.seek(0)
+    archive = zipfile.ZipFile(f)
+    try:
+        check_compression(path, archive)
+    except BaseException:
+        archive.close()
+        raise
+    return archive
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Turns any error but a :class:`Refused` into one naming ``path``."""
+    try:
+        yield
+    except Refused:
+        raise
+    except Exception as e:  # zipfile, numpy or OS errors: a bad file
+        raise Refused(
+            f"{path!r} is not a readable hkfit checkpoint (truncated or corrupted "
+            f"file): {type(e).__name__}: {describe(str(e))}."
+        ) from None
 
 
 def read_file(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     """The checked metadata and ``{entry key: array as stored}`` of a checkpoint file.
 
+    The arrays of a manifest's sharded entries are not in it (see :mod:`hkfit._shard_files`).
+
     Raises:
       FileNotFoundError: if nothing is at ``path``.
       ValueError: naming ``path``, for anything but a well-formed hkfit checkpoint.
     """
-    with open_regular(path) as f:
-        try:
-            return _read_archive(path, f)
-        except Refused:
-            raise
-        except Exception as e:  # zipfile, numpy or OS errors: a bad file
-            raise ValueError(
-                f"{path!r} is not a readable hkfit checkpoint (truncated or corrupted "
-                f"file): {type(e).__name__}: {describe(str(e))}."
-            ) from None
+    with open_regular(path) as f, reading(path):
+        return _read_archive(path, f)
+
+
+def read_meta(path: str) -> dict:
+    """The checked metadata of a checkpoint file, without reading its arrays.
+
+    Raises:
+      FileNotFoundError: if nothing is at ``path``.
+      ValueError: naming ``path``, for anything but a well-formed hkfit checkpoint.
+    """
+    with open_regular(path) as f, reading(path), open_archive(path, f) as archive:
+        return read_meta_member(path, archive)

@@ -25,9 +25,11 @@ device holds one block of the rows and gathers its slice of every batch from it
 way the gathers are local (no communication). ``predict`` places its inputs replicated.
 
 Multi-host: each process passes ITS OWN shard of the data (the same number of rows
-everywhere). A process shuffles its shard with the shared seed, so all processes draw the
-same local row order, and global batch ``b`` is the concatenation, in process order, of
-every process's local batch ``b``.
+everywhere). With ``data_placement="sharded"`` each process cuts its shard into one block
+per local device, and global batch ``b`` is the concatenation, in data-axis order, of
+every device's local batch ``b``. With ``"replicated"`` a process shuffles its shard with
+the shared seed, so all processes draw the same local row order, and global batch ``b``
+is the concatenation, in process order, of every process's local batch ``b``.
 """
 
 from __future__ import annotations
@@ -191,9 +193,11 @@ class ShardingRules:
 class FullySharded(ShardingRules):
     """FSDP: every parameter split along its largest dimension the data axis divides.
 
-    Each device then holds 1/N of each such parameter and of its optimizer slots; the
-    compiled step gathers a parameter where it is used (all-gather) and reduces each
-    gradient straight to its shard (reduce-scatter). Parameters with fewer than
+    Each device then holds 1/N of each such parameter and of its optimizer slots. XLA's
+    partitioner plans the communication: typically it gathers a parameter where it is
+    used (all-gather) and reduces each gradient straight to its shard (reduce-scatter);
+    when a batch's activations are smaller than the weights, it may instead gather the
+    activations and keep the weights split. Parameters with fewer than
     ``min_size`` elements (biases, norms: too small to matter) and those with no
     divisible dimension stay replicated.
     """

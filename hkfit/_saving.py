@@ -10,6 +10,11 @@ ranges of every field, and an input spec whose example batch has at most
 :data:`MAX_EXAMPLE_ELEMENTS` elements, so a fresh model never allocates what a file
 dictates. A fresh model compares the shapes its initialization would give (computed with
 ``jax.eval_shape``, see :func:`check_fits`) with the file before allocating any.
+
+In a multi-process run, :func:`save` is called by every process: process 0 writes the
+file, or, when arrays are sharded across processes, every process writes its shard file
+and process 0 the manifest (see :mod:`hkfit.checkpoint`); no process returns before the
+checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import numpy as np
 
 from hkfit import _checkpoint_file as file_lib
 from hkfit import _position as position_lib
+from hkfit import _shards
 from hkfit import checkpoint as checkpoint_lib
-from hkfit.distributed import is_main_process
 from hkfit.step import TrainState
 
 
@@ -150,9 +155,14 @@ def save(
     seed: jax.Array,
     progress: Progress,
 ) -> None:
-    """Writes a model checkpoint atomically (only process 0 writes)."""
-    if not is_main_process():
-        return
+    """Writes a model checkpoint atomically; in a multi-process run, every process calls it.
+
+    When an array is split over devices of several processes, each process writes its
+    shard file and process 0 the manifest (see :func:`hkfit.checkpoint.save_tree`);
+    otherwise process 0 writes the one file. Either way no process returns before the
+    checkpoint is complete, so a ``load`` that follows in any process finds it, and if
+    the writing failed, every process raises.
+    """
     try:
         spec = encode_spec(input_spec)
     except TypeError:
@@ -173,9 +183,18 @@ def save(
         )
         if progress.position is not None:
             metadata["position"] = progress.position
-    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-    os.makedirs(directory, exist_ok=True)
-    checkpoint_lib.save_tree(path, tree, metadata=metadata)
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if _shards.any_spans_processes(tree):
+        os.makedirs(directory, exist_ok=True)
+        checkpoint_lib.save_tree(path, tree, metadata=metadata)  # every process writes
+        return
+
+    def write() -> None:
+        os.makedirs(directory, exist_ok=True)
+        checkpoint_lib.save_tree(path, tree, metadata=metadata)
+
+    _shards.on_main(write, f"write {path!r}")
 
 
 def _check_floats(path: str, field: str, values: Any) -> None:
@@ -306,8 +325,8 @@ def restore(
     try:
         tree = checkpoint_lib.restore(ModelTree(*ts), meta, arrays, path=path)
     except ValueError as err:
-        if ".opt_state" not in str(err):
-            raise
+        if ".opt_state" not in str(err) or isinstance(err, file_lib.Refused):
+            raise  # not another optimizer's state: a damaged file
         partial = ModelTree(ts.params, ts.state, None, ts.rng, ts.step)
         tree = checkpoint_lib.restore(
             partial, meta, arrays, path=path, ignore_extra_prefixes=(".opt_state",)

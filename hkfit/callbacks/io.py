@@ -4,7 +4,10 @@ Everything here is re-exported by :mod:`hkfit.callbacks`; import it from there (
 is in :mod:`hkfit.callbacks.loggers`, W&B and MLflow in :mod:`hkfit.callbacks.trackers`).
 Model files are written and read through the model's public ``save`` / ``save_weights``
 / ``load`` (one ``.npz`` per checkpoint, atomic, never pickle). In a multi-process run
-only process 0 writes; every process restores.
+every process takes part in each save: process 0 writes the file, or, for arrays sharded
+across processes, each process writes its shard file and process 0 the manifest (see
+:mod:`hkfit.checkpoint`); files are moved and deleted by process 0 only, a checkpoint
+with its shard files; every process restores.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 
+from hkfit import _shards
 from hkfit import checkpoint as checkpoint_lib
 from hkfit.callbacks._writer import BackgroundWriter
 from hkfit.callbacks.base import Callback
@@ -88,9 +92,29 @@ class _Periodic(Callback):
         self._counter = _BatchCounter(save_freq)
         self._writer = BackgroundWriter()
         self._epoch = 0
+        self._warned_synchronous = False
 
     def wants_batch_logs(self, hook: str | None = None) -> bool:
         return self.save_freq != "epoch" and hook in (None, "on_train_batch_end")
+
+    def _in_background(self, asynchronous: bool) -> bool:
+        """Whether this save may be written in the background thread.
+
+        With several processes every save is written on the training thread: the
+        processes must agree that the checkpoint is complete (a collective), which must
+        not run beside the training step's own collectives. Said once, by process 0.
+        """
+        if not asynchronous or jax.process_count() == 1:
+            return asynchronous
+        if not self._warned_synchronous and is_main_process():
+            warnings.warn(
+                f"{type(self).__name__}(asynchronous=True) writes synchronously in a "
+                f"run of {jax.process_count()} processes: every process takes part in "
+                "each save, and no process goes on before the checkpoint is complete.",
+                stacklevel=4,
+            )
+        self._warned_synchronous = True
+        return False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._writer.check()
@@ -143,10 +167,17 @@ class ModelCheckpoint(_Periodic):
       asynchronous: copy the arrays to the host and write the file in a background
         thread while training goes on. At most one write is in flight; all are waited
         for when ``fit`` ends or raises, and a failed write is raised at the next hook.
+        In a multi-process run, saves are written synchronously all the same (with a
+        warning, once): every process takes part in each save.
 
     Every write is atomic: a crash never leaves a truncated checkpoint behind. Weights
     that are not finite (after a divergence) are never written: the save is skipped with
     a warning, so the last good file stays.
+
+    In a multi-process run every process must run the callback (as ``fit`` does). A
+    checkpoint of arrays sharded across processes is a manifest at the formatted path
+    plus one shard file per process next to it; ``max_to_keep`` deletes each with its
+    shard files.
 
     Raises:
       ValueError: if a placeholder of ``filepath`` is not in the logs, or an argument is
@@ -258,7 +289,7 @@ class ModelCheckpoint(_Periodic):
                 return
             if self.verbose:
                 print(f"Epoch {epoch + 1}: saving the model to {path}.", flush=True)
-        if self.asynchronous:
+        if self._in_background(self.asynchronous):
             snapshot = self.model.snapshot(weights_only=self.save_weights_only)
             self._writer.submit(lambda: snapshot.write(path))
         elif self.save_weights_only:
@@ -282,10 +313,8 @@ class ModelCheckpoint(_Periodic):
         for old, _ in kept:
             if old not in keep:
                 self._writer.wait()  # never delete while a write is in flight
-                try:
-                    os.remove(old)
-                except FileNotFoundError:
-                    pass
+                if is_main_process():
+                    _shards.remove(old)  # the file, and the shard files it lists
         self.kept = [item for item in kept if item[0] in keep]
 
     def _rediscover(self) -> list[tuple[str, float | None]]:
@@ -303,7 +332,7 @@ class ModelCheckpoint(_Periodic):
         for name in names:
             path = os.path.join(os.path.dirname(self.filepath), name)
             match = regex.match(path)
-            if match is None or not os.path.isfile(path):
+            if match is None or _shards.is_shard_name(name) or not os.path.isfile(path):
                 continue
             value = None
             if self.save_best_only:
@@ -357,6 +386,16 @@ class BackupAndRestore(_Periodic):
     (truncated, corrupted), the previous one is restored, with a warning naming the
     damaged file, which is then deleted.
 
+    **Several processes.** Every process runs the callback and takes part in each backup;
+    process 0 moves and deletes the files. With arrays sharded across processes (FSDP) a
+    backup is a manifest plus one shard file per process next to it (see
+    :mod:`hkfit.checkpoint`): the previous backup keeps its shard files when it becomes
+    ``training_state.prev.npz``, and each is deleted with its manifest. Every process
+    restores from the same backup, onto its own devices. A SIGTERM backup is collective
+    too: it is written when every process gets the signal before the same batch ends;
+    otherwise the processes do not meet in it, and the run fails or hangs until the
+    scheduler stops it. A restart then resumes from the last complete backup.
+
     When ``fit`` completes (including an early stop), the backups are deleted (and
     ``backup_dir`` too if that leaves it empty), as Keras does; pass
     ``delete_checkpoint=False`` to keep them. A crash or exception leaves them in place.
@@ -374,7 +413,8 @@ class BackupAndRestore(_Periodic):
         ``steps_per_execution="auto"``, every batch is then its own execution).
       double_checkpoint: keep the previous backup too, to fall back on.
       delete_checkpoint: delete the backup when training completes.
-      asynchronous: write backups in a background thread (see :class:`ModelCheckpoint`).
+      asynchronous: write backups in a background thread (see :class:`ModelCheckpoint`;
+        synchronous in a multi-process run).
 
     Attributes:
       restored_epoch: after ``on_train_begin``, the epoch training resumes from, or None.
@@ -447,8 +487,10 @@ class BackupAndRestore(_Periodic):
                 )
                 continue
             if failure is not None:  # the newest was damaged: the previous one is now newest
-                os.remove(self.path)
-                os.replace(path, self.path)
+                _shards.barrier("hkfit BackupAndRestore restored")  # every process read it
+                if is_main_process():
+                    _shards.remove(self.path)
+                    _shards.replace(path, self.path)
             return True
         if failure is not None:
             raise ValueError(
@@ -477,7 +519,7 @@ class BackupAndRestore(_Periodic):
         if not params_finite(self.model):
             _warn_not_finite(self.path)
             return
-        if self.asynchronous and not self._sigterm:
+        if not self._sigterm and self._in_background(self.asynchronous):
             snapshot = self.model.snapshot()
             self._writer.submit(lambda: self._write(snapshot.write))
         else:
@@ -485,11 +527,9 @@ class BackupAndRestore(_Periodic):
             self._write(self.model.save)
 
     def _write(self, save: Any) -> None:
-        if not is_main_process():
-            return
-        if self.double_checkpoint and os.path.isfile(self.path):
-            os.replace(self.path, self.previous_path)
-        save(self.path)
+        if self.double_checkpoint and is_main_process() and os.path.isfile(self.path):
+            _shards.replace(self.path, self.previous_path)  # its shard files stay where they are
+        save(self.path)  # in every process: each may write its shard file
 
     # --- preemption ---
 
@@ -520,18 +560,20 @@ class BackupAndRestore(_Periodic):
     def on_train_end(self, logs=None):
         self._restore_handler()
         self._writer.close(raising=True)
-        if not self.delete_checkpoint or not is_main_process():
+        if not self.delete_checkpoint:
             return
-        temps = [checkpoint_lib.temp_path(p) for p in (self.path, self.previous_path)]
-        for path in (self.path, self.previous_path, *temps):  # temps: left by a killed save
+        if is_main_process():
+            paths = (self.path, self.previous_path)
+            for path in paths:
+                _shards.remove(path)  # with its shard files
+            leftovers = [checkpoint_lib.temp_path(p) for p in paths]  # left by killed saves
+            leftovers += [name for p in paths for name in _shards.leftovers(p)]
+            _shards.discard(leftovers)
             try:
-                os.remove(path)
-            except FileNotFoundError:
+                os.rmdir(self.backup_dir)  # only succeeds when empty
+            except OSError:
                 pass
-        try:
-            os.rmdir(self.backup_dir)  # only succeeds when empty
-        except OSError:
-            pass
+        _shards.barrier("hkfit BackupAndRestore deleted")  # a next fit sees no backup
 
     def on_exception(self, exception):
         self._restore_handler()
