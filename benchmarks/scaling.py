@@ -182,6 +182,8 @@ def _abstract(tree: Any) -> Any:
     def leaf(a):
         if isinstance(a, jax.Array):
             sharding, weak = a.sharding, getattr(a, "weak_type", False)
+            if not weak:  # JAX < 0.4.31's ShapeDtypeStruct has no weak_type argument
+                return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
             return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding, weak_type=weak)
         return a
 
