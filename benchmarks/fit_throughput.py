@@ -1006,8 +1006,15 @@ def main(argv=None) -> int:
         loads,
         precision,
     )
+    write_report(text, args, "RESULTS.md")
+    return 0
+
+
+def write_report(text: str, args: argparse.Namespace, default_name: str) -> None:
+    """Prints ``text`` and writes it to ``--out``, or to ``default_name`` here unless
+    ``--quick``."""
     out = args.out or (
-        None if args.quick else os.path.join(os.path.dirname(__file__), "RESULTS.md")
+        None if args.quick else os.path.join(os.path.dirname(__file__), default_name)
     )
     if out:
         with open(out, "w") as f:
@@ -1015,7 +1022,6 @@ def main(argv=None) -> int:
     print(text)
     if out:
         log(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

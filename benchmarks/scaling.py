@@ -52,7 +52,15 @@ import haiku as hk
 import jax
 import numpy as np
 import optax
-from fit_throughput import CLASSES, LEARNING_RATE, load_average, log, machine, synthetic
+from fit_throughput import (
+    CLASSES,
+    LEARNING_RATE,
+    load_average,
+    log,
+    machine,
+    synthetic,
+    write_report,
+)
 
 import hkfit
 from hkfit._program import Program
@@ -735,15 +743,7 @@ def main(argv=None) -> int:
     loads.append(load_average())
     elapsed = time.perf_counter() - clock
     text = report(args, results, skipped, sweep, x, y, started, elapsed, loads)
-    out = args.out or (
-        None if args.quick else os.path.join(os.path.dirname(__file__), "RESULTS-scaling.md")
-    )
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
-    print(text)
-    if out:
-        log(f"wrote {out}")
+    write_report(text, args, "RESULTS-scaling.md")
     return 0
 
 
