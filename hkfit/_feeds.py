@@ -433,13 +433,13 @@ class Pass:
 # --- Evaluation and prediction over arrays ----------------------------------------------
 
 
-def chunks(tree: Any, num_rows: int, batch_size: int):
+def chunks(tree: Any, num_rows: int, batch_size: int, place: Callable = jax.device_put):
     """Yields ``(first_batch, num_batches, device_chunk)`` over ``tree``'s first ``num_rows``.
 
     Every chunk has the same number of rows (the last one is padded by repeating its last
     row, with weight 0 in a :class:`Batch`), so one compilation serves them all. Each chunk
-    is sent to the device before the previous one is handed out, so its copy overlaps the
-    work on the previous chunk.
+    is sent to the device (by ``place``) before the previous one is handed out, so its
+    copy overlaps the work on the previous chunk.
     """
     row_bytes = sum(np.asarray(a[:1]).nbytes for a in jax.tree_util.tree_leaves(tree))
     per_chunk = max(
@@ -450,7 +450,7 @@ def chunks(tree: Any, num_rows: int, batch_size: int):
     def put(first_row):
         stop = first_row + rows
         if stop <= num_rows:
-            return jax.device_put(jax.tree_util.tree_map(lambda a: a[first_row:stop], tree))
+            return place(jax.tree_util.tree_map(lambda a: a[first_row:stop], tree))
         index = np.arange(first_row, stop)
         part = jax.tree_util.tree_map(lambda a: a[np.minimum(index, num_rows - 1)], tree)
         if isinstance(part, Batch):  # repeated rows must not count (weights may be per token)
@@ -463,7 +463,7 @@ def chunks(tree: Any, num_rows: int, batch_size: int):
             part = part._replace(weights=jax.tree_util.tree_map(zeroed, part.weights))
             if part.mask is not None:
                 part = part._replace(mask=zeroed(part.mask))
-        return jax.device_put(part)
+        return place(part)
 
     starts = list(range(0, num_rows, rows))
     ahead = put(0)
@@ -562,7 +562,8 @@ class EvalArrays:
 
 
 class PredictArrays:
-    """Prediction over arrays: streamed from the host, or placed once by the layout.
+    """Prediction over arrays: streamed from the host in chunks (each placed by the layout),
+    or, with several processes, placed once by the layout.
 
     The carry is a :class:`Collector` that writes each chunk's outputs into one host
     buffer of exactly ``n`` rows, fetching a chunk while the next one computes.
@@ -586,8 +587,8 @@ class PredictArrays:
         def outputs(collector, start, count):
             return collector.rows(start, count)
 
-        if not self.layout.streams_inference:
-            x = self.layout.place_rows(self.x)
+        if not self.layout.streams_inference and jax.process_count() > 1:
+            x = self.layout.place_rows(self.x)  # checked to be the same in every process
 
             def run_placed(collector, start, count):
                 if collector.buffer is None:
@@ -597,7 +598,8 @@ class PredictArrays:
 
             yield Segment(0, self.steps, run_placed, fusable=fused, outputs=outputs)
             return
-        for first, count, chunk in chunks(self.x, self.n, self.batch_size):
+        # one process: chunks of the inputs, each placed on every device in turn
+        for first, count, chunk in chunks(self.x, self.n, self.batch_size, self.layout.place_rows):
             rows = jax.tree_util.tree_leaves(chunk)[0].shape[0]
 
             def run_chunk(collector, start, k, chunk=chunk, first=first, rows=rows):

@@ -22,7 +22,8 @@ gathered batch is then constrained to ``P("data")``, so each device runs the for
 backward pass on its slice only. With ``data_placement="sharded"`` (the default) each
 device holds one block of the rows and gathers its slice of every batch from it
 (:mod:`hkfit._row_blocks`); with ``"replicated"`` every device holds every row. Either
-way the gathers are local (no communication). ``predict`` places its inputs replicated.
+way the gathers are local (no communication). ``predict`` streams its inputs in chunks,
+each placed on every device (with several processes: the whole inputs, replicated).
 
 Multi-host: each process passes ITS OWN shard of the data (the same number of rows
 everywhere). With ``data_placement="sharded"`` each process cuts its shard into one block

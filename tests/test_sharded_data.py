@@ -249,3 +249,24 @@ def test_mid_epoch_resume_is_bit_identical(tmp_path):
 def test_an_unknown_placement_is_refused():
     with pytest.raises(ValueError, match=r"data_placement.*'everywhere'"):
         hkfit.DataParallel(data_placement="everywhere")
+
+
+def test_predict_places_chunks_not_the_whole_input(monkeypatch):
+    m = model(placement="sharded")
+    m.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0)
+    one = model()
+    one.init(X[:2])
+    one.params = host(m.params)
+    x = RNG.normal(size=(40_000, 5)).astype(np.float32)  # 800 KB of inputs
+    monkeypatch.setattr(feeds, "CHUNK_BYTES", 64 << 10)  # chunks of about 64 KB
+    placed = []
+    place_rows = m.distribution.place_rows
+
+    def recording(tree):
+        placed.append(sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(tree)))
+        return place_rows(tree)
+
+    monkeypatch.setattr(m.distribution, "place_rows", recording)
+    out = m.predict(x, batch_size=1000)
+    assert len(placed) > 5 and max(placed) <= 80_000  # each device holds one chunk at a time
+    np.testing.assert_allclose(out, one.predict(x, batch_size=1000), rtol=1e-5, atol=1e-6)
