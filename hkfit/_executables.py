@@ -35,16 +35,21 @@ _JIT_ONLY_FLAGS = ("jax_disable_jit", "jax_debug_nans", "jax_debug_infs")
 
 
 def _leaf_signature(leaf: Any) -> tuple:
+    """What picks an executable for an argument leaf (cheap: runs on every call)."""
     return (
+        type(leaf),
         getattr(leaf, "shape", None),
-        str(getattr(leaf, "dtype", type(leaf).__name__)),
+        getattr(leaf, "dtype", None),
         getattr(leaf, "sharding", None),
     )
 
 
 def program_key(lowered: Any, args: tuple) -> str:
     """The cache key of a lowered program: its text, argument shapes and trees."""
-    avals = [_leaf_signature(a)[:2] for a in jax.tree_util.tree_leaves(args)]
+    avals = [
+        (getattr(a, "shape", None), str(getattr(a, "dtype", type(a).__name__)))
+        for a in jax.tree_util.tree_leaves(args)
+    ]
     trees = f"{lowered.in_tree}\n{lowered.out_tree}"
     text = f"{avals}\n{trees}\n{lowered.as_text()}"
     return hashlib.sha256(text.encode()).hexdigest()
