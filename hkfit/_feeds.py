@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hkfit import _aligned as aligned
 from hkfit import _compat
 from hkfit import _data as data_lib
 from hkfit import _row_blocks as row_blocks
@@ -143,13 +144,13 @@ def pad_rows(data: Batch, rows: int) -> Batch:
         return data
     extra = rows - n
 
-    def repeat_last(a):
+    def repeat_last(a):  # aligned: a CPU device uses the padded copy in place
         a = np.asarray(a)
-        return np.concatenate([a, np.repeat(a[-1:], extra, axis=0)])
+        return aligned.concatenate([a, np.repeat(a[-1:], extra, axis=0)])
 
     def zeros(a):
         a = np.asarray(a)
-        return np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)])
+        return aligned.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)])
 
     mask = data.mask if data.mask is not None else np.ones(n, np.float32)
     return Batch(

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from hkfit import _aligned as aligned
 from hkfit.step import Batch
 
 
@@ -68,10 +69,10 @@ class BlockPlan:
 
         def blocked(a: Any, zero: bool = False) -> np.ndarray:
             a = np.asarray(a)
-            taken = a[np.minimum(rows, len(a) - 1)]  # an empty block repeats any row
+            # an empty block repeats any row; aligned: CPU devices use the blocks in place
+            taken = aligned.take(a, np.minimum(rows, len(a) - 1))
             if zero:
-                taken = np.where(real.reshape((-1,) + (1,) * (taken.ndim - 1)), taken, 0)
-                taken = taken.astype(a.dtype)
+                taken[~real] = 0
             return taken.reshape((self.blocks, self.capacity, *a.shape[1:]))
 
         if isinstance(tree, Batch):
