@@ -17,6 +17,7 @@ import numpy as np
 
 from hkfit import _data as data_lib
 from hkfit import _pacing
+from hkfit import _stream as stream_lib
 from hkfit import metrics as metrics_lib
 from hkfit.callbacks.progress import resolve_verbose
 
@@ -116,6 +117,7 @@ class FitArgs(NamedTuple):
     validate_after: Callable[[int], bool]
     steps_per_execution: Any
     gradient_accumulation_steps: int = 1
+    device_data_budget: int | None = None  # None: the default budget (hkfit._stream)
 
 
 def fit_args(
@@ -130,6 +132,7 @@ def fit_args(
     validation_freq: Any,
     steps_per_execution: Any,
     gradient_accumulation_steps: Any = 1,
+    device_data_budget: Any = None,
 ) -> FitArgs:
     """Checks ``fit``'s scalar arguments before any data is touched."""
     batch_size = positive_int(batch_size, "batch_size")
@@ -150,6 +153,7 @@ def fit_args(
         validation_batch_size or batch_size, "validation_batch_size"
     )
     check_steps_per_execution(steps_per_execution)
+    device_data_budget = stream_lib.check_budget(device_data_budget)
     return FitArgs(
         batch_size,
         epochs,
@@ -161,6 +165,7 @@ def fit_args(
         validation_epochs(validation_freq),
         steps_per_execution,
         gradient_accumulation_steps,
+        device_data_budget,
     )
 
 

@@ -198,6 +198,18 @@ def to_numpy(tree: PyTree, name: str = "x") -> PyTree:
     return to_device_dtypes(tree, name)
 
 
+def device_dtype(dtype: Any) -> np.dtype:
+    """The dtype a host array of ``dtype`` takes on the device (see :func:`to_device_dtypes`).
+
+    >>> device_dtype(np.float64), device_dtype(np.uint8)
+    (dtype('float32'), dtype('uint8'))
+    """
+    dtype = np.dtype(dtype)
+    if jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # set dynamically by JAX
+        return dtype
+    return _NARROW_DTYPES.get(dtype, dtype)
+
+
 def to_device_dtypes(tree: PyTree, name: str = "x") -> PyTree:
     """Narrows 64-bit leaves on the host to the dtypes JAX puts on the device.
 
@@ -522,6 +534,33 @@ def class_weights_for(
     for cls, weight in table.items():
         weights[cls] = weight
     return weights[labels]
+
+
+def present_classes(y: Any) -> set[int]:
+    """The class indices that occur in labels ``y`` (integer, or one-hot rows).
+
+    With :func:`check_classes_present`, the check :func:`class_weights_for` makes of a
+    whole dataset, for labels read a part at a time.
+
+    Raises:
+      ValueError: for labels that are neither integer class indices nor one-hot.
+    """
+    return set(np.unique(_class_labels(np.asarray(y))).tolist())
+
+
+def check_classes_present(class_weight: Mapping[int, float], present: set[int]) -> None:
+    """Refuses ``class_weight`` keys for classes outside ``present`` (see
+    :func:`class_weights_for`'s ``require_present``).
+
+    Raises:
+      ValueError: naming the absent classes.
+    """
+    absent = sorted(c for c in _class_weight_table(class_weight) if c not in present)
+    if absent:
+        raise ValueError(
+            f"Expected `class_weight` to name classes that occur in `y` "
+            f"({sorted(present)}). Received weights for absent classes {absent}."
+        )
 
 
 def row_weights(

@@ -158,6 +158,28 @@ class Program:
 
         return self._cached(("grouped", steps), build)
 
+    def _batch_step(
+        self, accumulation: tuple[int, int] | None, shard_batch: Callable | None
+    ) -> tuple[Callable, Callable | None]:
+        """``(step, shard_batch)``: the step of one batch (or macro-batch, cut into
+        micro-batches that each get ``shard_batch``), and the layout left for its batch."""
+        if accumulation is None:
+            return self._train_step(), shard_batch
+        steps, micro_batch_size = accumulation
+        step = accumulate.make_accumulating_step(
+            self.forward.apply_train,
+            self.loss_fn,
+            self.optimizer,
+            self._metric_list(),
+            steps=steps,
+            micro_batch_size=micro_batch_size,
+            regularizer=self.regularizer,
+            shard_batch=shard_batch,  # each micro-batch's
+            unroll=self._loops_help is False,  # e.g. convolutions on CPU
+            loss_scaling=self.loss_scaling,
+        )
+        return step, None
+
     def train_run(
         self,
         ts: TrainState,
@@ -176,28 +198,34 @@ class Program:
 
         def build():
             options = self.layout.step_options("train_blocks" if blocked else "train")
-            if accumulation is None:
-                step = self._train_step()
-            else:
-                steps, micro_batch_size = accumulation
-                step = accumulate.make_accumulating_step(
-                    self.forward.apply_train,
-                    self.loss_fn,
-                    self.optimizer,
-                    self._metric_list(),
-                    steps=steps,
-                    micro_batch_size=micro_batch_size,
-                    regularizer=self.regularizer,
-                    shard_batch=options.pop("shard_batch", None),  # each micro-batch's
-                    unroll=self._loops_help is False,  # e.g. convolutions on CPU
-                    loss_scaling=self.loss_scaling,
-                )
+            step, options["shard_batch"] = self._batch_step(
+                accumulation, options.get("shard_batch")
+            )
             if blocked:
                 options.update(blocked=True, groups=accumulation[0] if accumulation else 1)
             run = step_lib.make_fused_train(step, fuse=fuse, **options)
             return self._jit_train(run, ts)
 
         return self._cached(("train_run", fuse, accumulation, blocked), build)
+
+    def train_batches_run(
+        self, ts: TrainState, fuse: bool, accumulation: tuple[int, int] | None = None
+    ) -> Callable:
+        """``(ts, logs, batches, start, count) -> (ts, logs)`` over batches already cut.
+
+        ``batches`` holds ``[k, batch_size, ...]`` rows: a chunk of training data streamed
+        from the host (``hkfit._stream``); see :func:`hkfit.step.make_fused_train_batches`.
+        ``accumulation=(steps, micro_batch_size)``: each batch is a macro-batch whose
+        micro-batches' gradients make one optimizer step, as in :meth:`train_run`.
+        """
+
+        def build():
+            shard_batch = self.layout.step_options("train").get("shard_batch")
+            step, shard_batch = self._batch_step(accumulation, shard_batch)
+            run = step_lib.make_fused_train_batches(step, fuse=fuse, shard_batch=shard_batch)
+            return self._jit_train(run, ts)
+
+        return self._cached(("train_batches_run", fuse, accumulation), build)
 
     # --- Inference ---
 

@@ -22,6 +22,7 @@ from hkfit import _eager as eager
 from hkfit import _engine as engine
 from hkfit import _feeds as feeds
 from hkfit import _position as position_lib
+from hkfit import _stream as stream_lib
 from hkfit._pacing import Pacer
 from hkfit._position import Position
 from hkfit._program import Program
@@ -132,6 +133,21 @@ def fit_feeds(
             checked_batches(context, context.layout.device_batch, train=True),
             group=args.gradient_accumulation_steps,
         )
+    elif y is not None and stream_lib.exceeds_budget(
+        x, y, sample_weight, args.validation_split, args.device_data_budget
+    ):  # streamed from the host, chunk by chunk (see hkfit._stream)
+        train, split, args = stream_lib.fit_feed(
+            context,
+            x,
+            y,
+            args,
+            shuffle=shuffle,
+            class_weight=class_weight,
+            sample_weight=sample_weight,
+            check_inputs=check_inputs,
+            cap_batch_size=lambda rows: _capped_batch_size(context, args.batch_size, rows),
+        )
+        validation_data = validation_data if split is None else split
     else:
         if y is None:
             raise ValueError("Expected targets `y` for array inputs `x`. Received: y=None.")
@@ -171,6 +187,10 @@ def fit_feeds(
             name="validation_data",
         )
     return train, val, args
+
+
+#: Training feeds over arrays, resident or streamed: their epochs are segments of a plan.
+_ARRAY_FEEDS = (feeds.TrainArrays, stream_lib.TrainStream)
 
 
 def _capped_batch_size(context: Context, batch_size: int, rows: int) -> int:
@@ -231,7 +251,7 @@ def train_epoch(
     steps_per_execution = engine.steps_per_execution_for(
         cbs, engine.TRAIN, args.steps_per_execution
     )
-    if isinstance(train, feeds.TrainArrays):
+    if isinstance(train, _ARRAY_FEEDS):
         program = _current_program(context)
         pacer = _pacer(context, program, "train", steps_per_execution)
         if train.steps is not None:  # what is left of this fit, to judge a probe's cost
@@ -271,7 +291,7 @@ def train_epoch(
 
     def publish(carry: Any, done: int) -> None:
         context.set_state(carry[0])
-        iterator = None if isinstance(train, feeds.TrainArrays) else batches.state
+        iterator = None if isinstance(train, _ARRAY_FEEDS) else batches.state
         context.set_position(Position(epoch, done, carry[1], iterator))
 
     logs = program.empty_logs(train=True)

@@ -803,6 +803,7 @@ class Model:
         check_inputs: bool = True,
         gradient_accumulation_steps: int = 1,
         run_eagerly: bool = False,
+        device_data_budget: int | None = None,
     ) -> callbacks_lib.History:
         """Trains for the epochs numbered ``initial_epoch, ..., epochs - 1``.
 
@@ -860,6 +861,20 @@ class Model:
             steps. An iterable ``x`` gives N consecutive batches to each step (the last
             step of an epoch may get fewer). Validation is unaffected. Micro-batch ``i``
             of step ``s`` draws its dropout key from ``fold_in(fold_in(rng, s), i)``.
+          device_data_budget: bytes the training arrays may take on the device (default
+            ``None``: 2 GiB). Arrays that take more (inputs, targets and weights in the
+            dtypes they are placed in) are streamed from the host instead of placed
+            whole: windows of consecutive rows, about a quarter of the budget each, are
+            read (a memory map with file reads, so the process never holds the whole
+            array), permuted and copied to the device one chunk ahead of the step. The
+            shuffle then draws the order of the windows and the order of the rows inside
+            each window from the seed and the epoch: every row once per epoch, but not a
+            uniform permutation (a batch holds rows of one window). ``shuffle=False``
+            gives the same batches, and the same results up to float rounding, as
+            placing the arrays. Rows held out by ``validation_split`` must fit in the
+            budget. Streaming runs in one process: with several, arrays are placed
+            unless a budget is given, and arrays over a given budget raise a
+            ``ValueError``. Iterables are not affected.
 
         Returns:
           The :class:`hkfit.callbacks.History` of this call (also ``model.history``).
@@ -880,6 +895,7 @@ class Model:
             validation_freq=validation_freq,
             steps_per_execution=steps_per_execution,
             gradient_accumulation_steps=gradient_accumulation_steps,
+            device_data_budget=device_data_budget,
         )
         data_lib.check_present(x, "x")
         shuffle = _args.check_shuffle(shuffle)

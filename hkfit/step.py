@@ -530,6 +530,41 @@ def _masked(batch: Batch, valid: jax.Array) -> Batch:
     return batch._replace(weights=jax.tree_util.tree_map(apply, batch.weights), mask=mask)
 
 
+def make_fused_train_batches(
+    train_step: Callable, fuse: bool = True, shard_batch: Callable | None = None
+) -> Callable:
+    """Runs many training steps per call over batches already cut, e.g. a streamed chunk.
+
+    The returned ``run(ts, logs, batches, start, count)`` takes ``batches = Batch(x, y,
+    weights, mask)`` whose leaves are ``[k, batch_size, ...]``: ``k`` whole batches, in the
+    order they are trained on (a chunk of training data streamed from the host, see
+    ``hkfit._stream``), and trains on batches ``start, ..., start + count - 1``. As in
+    :func:`make_fused_train`, ``start`` and ``count`` are traced: one compilation serves
+    every split of a chunk into calls, and every chunk of the same shape. Rows the caller
+    padded carry weight 0 and mask 0 already; batches past the real ones are never run.
+
+    With ``fuse=False`` no loop is compiled: each call runs the one batch ``start``
+    (``count`` must be 1). ``shard_batch`` lays out each batch (see
+    :func:`make_fused_train`).
+    """
+    shard = shard_batch or _identity
+
+    def one(ts, logs, batches: Batch, b):
+        batch = jax.tree_util.tree_map(
+            lambda a: jax.lax.dynamic_index_in_dim(a, b, keepdims=False), batches
+        )
+        return train_step(ts, logs, shard(batch))
+
+    def run(ts, logs, batches: Batch, start, count):
+        if not fuse:
+            return one(ts, logs, batches, start)
+        return jax.lax.fori_loop(
+            0, count, lambda j, c: one(c[0], c[1], batches, start + j), (ts, logs)
+        )
+
+    return run
+
+
 def padded_rows(batch_index, batch_size: int, num_rows: int, width: int | None = None):
     """Rows of batch ``batch_index`` clipped to the data, and 1/0 validity of each.
 

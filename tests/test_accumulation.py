@@ -95,7 +95,10 @@ def test_data_parallel_equals_one_device():
     kw = dict(sample_weight=W, steps_per_execution=2)
     single = fit(batch_size=16, **kw)
     parallel = fit(
-        batch_size=8, gradient_accumulation_steps=2, distribution=hkfit.DataParallel(data_placement="replicated"), **kw
+        batch_size=8,
+        gradient_accumulation_steps=2,
+        distribution=hkfit.DataParallel(data_placement="replicated"),
+        **kw,
     )
     assert_same_training(single, parallel, atol=1e-5)
 

@@ -200,7 +200,9 @@ def test_a_custom_step_is_exact_fused_and_resumed(tmp_path):
 def test_a_custom_step_under_data_parallel_matches_one_device():
     x, y = data()
     a = stepped().fit(x, y, epochs=2, batch_size=16, verbose=0).history
-    b = stepped(distribution=hkfit.DataParallel(data_placement="replicated")).fit(x, y, epochs=2, batch_size=16, verbose=0)
+    b = stepped(distribution=hkfit.DataParallel(data_placement="replicated")).fit(
+        x, y, epochs=2, batch_size=16, verbose=0
+    )
     np.testing.assert_allclose(a["fit_loss"], b.history["fit_loss"], rtol=1e-4)
 
 

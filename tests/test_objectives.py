@@ -299,7 +299,11 @@ def test_added_losses_under_data_parallel_match_one_device():
     x = vae_data()
     single = hkfit.Model(vae, loss="mse", optimizer=optax.adam(1e-2), seed=5)
     parallel = hkfit.Model(
-        vae, loss="mse", optimizer=optax.adam(1e-2), seed=5, distribution=hkfit.DataParallel(data_placement="replicated")
+        vae,
+        loss="mse",
+        optimizer=optax.adam(1e-2),
+        seed=5,
+        distribution=hkfit.DataParallel(data_placement="replicated"),
     )
     a = single.fit(x, x, epochs=2, batch_size=16, verbose=0).history
     b = parallel.fit(x, x, epochs=2, batch_size=16, verbose=0).history

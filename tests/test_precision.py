@@ -338,7 +338,11 @@ def test_data_parallel_matches_one_device(precision):
     sgd = optax.sgd(0.1)  # Adam would amplify the noise of the ~0 gradients before BatchNorm
     single = model(bn_mlp, seed=4, precision=precision, optimizer=sgd)
     parallel = model(
-        bn_mlp, seed=4, precision=precision, optimizer=sgd, distribution=hkfit.DataParallel(data_placement="replicated")
+        bn_mlp,
+        seed=4,
+        precision=precision,
+        optimizer=sgd,
+        distribution=hkfit.DataParallel(data_placement="replicated"),
     )
     hs = single.fit(x, y, epochs=2, batch_size=16, verbose=0)
     hp = parallel.fit(x, y, epochs=2, batch_size=16, verbose=0)
