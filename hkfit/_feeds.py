@@ -338,7 +338,17 @@ class Batches:
         )
         self._shared = iter(source) if (steps is not None and shared) else None
         self._restore: Any = None
+        self._last: Pass | None = None
         self.exhausted = False
+
+    @property
+    def shared_state(self) -> Any:
+        """The state of the iterator that all passes share, after the last batch handed out.
+
+        None when each pass starts a new iterator or the iterator has no ``get_state``. A
+        save between epochs keeps it, so that a resumed run reads on from there.
+        """
+        return None if self._shared is None or self._last is None else self._last.state
 
     def restore(self, state: Any) -> None:
         """Makes the next pass's iterator continue from ``state`` (see :meth:`open`)."""
@@ -363,7 +373,8 @@ class Batches:
         if hasattr(iterator, "get_state"):
             states = collections.deque()
             items = _recording_states(items, iterator, states)
-        return Pass(data_lib.Prefetcher(items, self.convert), offset, states)
+        self._last = Pass(data_lib.Prefetcher(items, self.convert), offset, states)
+        return self._last
 
 
 def _recording_states(items: Iterator, iterator: Any, states: collections.deque) -> Iterator:

@@ -753,9 +753,16 @@ class Model:
 
     def _resume_at(self, epoch: int) -> Position | None:
         """Where epoch ``epoch`` of this ``fit`` starts: after ``initial_batch`` batches
-        when it is the first epoch and a callback set that (``BackupAndRestore``)."""
-        if epoch != self.initial_epoch or self.initial_batch <= 0:
+        when it is the first epoch and a callback set that (``BackupAndRestore``); at its
+        start with a loaded iterator state when the checkpoint was saved between epochs."""
+        if epoch != self.initial_epoch:
             return None
+        if self.initial_batch <= 0:  # the epoch's start: the state of a shared iterator, if any
+            resume = self._resume
+            if resume is None or (resume.epoch, resume.batch) != (epoch, 0):
+                return None
+            self._resume = None  # once
+            return resume
         batch, self.initial_batch = self.initial_batch, 0
         if self._resume is not None and self._resume.epoch == epoch and self._resume.batch == batch:
             return self._resume
@@ -937,7 +944,10 @@ class Model:
 
         def end_epoch(epoch: int, logs: dict) -> None:
             self._epoch_logs = (epoch, logs)  # saved with the history until History records it
-            self._position = None  # saves from now on are at an epoch boundary
+            # saves from now on are at an epoch boundary: batch 0 of the next epoch, with
+            # the state of an iterator that every epoch reads on (steps_per_epoch), if any
+            state = getattr(train, "shared_state", None)
+            self._position = None if state is None else Position(epoch + 1, 0, None, state)
             self.epoch = epoch + 1
             self._epochs_trained += 1
             rates = optimizers_lib.learning_rates(self._require_built("fit").opt_state)
@@ -1202,7 +1212,10 @@ class Model:
         A checkpoint written inside an epoch (``BackupAndRestore(save_freq=N)``, a
         preemption, ``ModelCheckpoint(save_freq=N)``) sets :attr:`resume_point` to
         ``(epoch, batches done)``; ``BackupAndRestore`` then makes ``fit`` continue at
-        the next batch (``model.initial_batch``). Otherwise ``resume_point`` is None.
+        the next batch (``model.initial_batch``). One written between epochs of a ``fit``
+        on an iterable that all epochs read on (``steps_per_epoch``), whose iterator has
+        ``get_state``, sets it to ``(next epoch, 0)``: a ``fit`` that starts at that epoch
+        sets the iterator to the saved state. Otherwise ``resume_point`` is None.
 
         Raises:
           ValueError: naming the first tree path that differs, or if the file is corrupted,
