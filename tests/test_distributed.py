@@ -6,11 +6,10 @@ is one process of the two-process test below.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import warnings
 
+import _processes as processes
 import chex
 import haiku as hk
 import jax
@@ -349,44 +348,11 @@ def _multihost_order(placement: str) -> list[int]:
     return order
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_together(tmp_path):
     if not hasattr(jax, "make_array_from_process_local_data"):
         pytest.skip(f"jax {jax.__version__} lacks jax.make_array_from_process_local_data")
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-    )
-    port = _free_port()
-    logs = [open(tmp_path / f"log{pid}.txt", "w") for pid in range(PROCS)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "worker", str(pid), str(port), str(tmp_path)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        for pid, log in enumerate(logs)
-    ]
-    try:
-        for proc in procs:
-            proc.wait(timeout=300)
-    finally:
-        for proc, log in zip(procs, logs):
-            if proc.poll() is None:  # timed out: end both, then fail below
-                proc.kill()
-                proc.wait()
-            log.close()
-    outputs = [(tmp_path / f"log{pid}.txt").read_text() for pid in range(PROCS)]
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
+    outputs = processes.run(__file__, PROCS, LOCAL_DEVICES, tmp_path, timeout=300)
     assert "Epoch 1/1" in outputs[0] and "Epoch 1/1" not in outputs[1]  # process 0 prints
 
     x, y = _data(PROCS * LOCAL_ROWS, seed=1)

@@ -8,13 +8,13 @@ process of the two-process test below.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import warnings
 
+import _processes as processes
 import chex
 import haiku as hk
 import jax
@@ -453,12 +453,6 @@ def _crash_and_resume(name: str, pid: int, outdir: str) -> None:
         json.dump(result, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _params(path):
     with np.load(path) as npz:
         return [npz[f"arr_{i}"] for i in range(len(npz.files))]
@@ -468,33 +462,7 @@ def _params(path):
 def test_two_processes_each_feed_their_own_rows_with_shard_by_jax_process(tmp_path):
     if not hasattr(jax, "make_array_from_process_local_data"):
         pytest.skip(f"jax {jax.__version__} lacks jax.make_array_from_process_local_data")
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-    )
-    port = _free_port()
-    logs = [open(tmp_path / f"log{pid}.txt", "w") for pid in range(PROCS)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "worker", str(pid), str(port), str(tmp_path)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        for pid, log in enumerate(logs)
-    ]
-    try:
-        for proc in procs:
-            proc.wait(timeout=180)
-    finally:
-        for proc, log in zip(procs, logs):
-            if proc.poll() is None:  # timed out: end both, then fail below
-                proc.kill()
-                proc.wait()
-            log.close()
-    for pid, proc in enumerate(procs):
-        assert proc.returncode == 0, (tmp_path / f"log{pid}.txt").read_text()[-3000:]
+    processes.run(__file__, PROCS, LOCAL_DEVICES, tmp_path, timeout=180)
 
     def outputs(name):
         results = [json.loads((tmp_path / f"{name}{p}.json").read_text()) for p in range(PROCS)]

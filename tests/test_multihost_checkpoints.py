@@ -15,13 +15,12 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 import warnings
 import zipfile
 
+import _processes as processes
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -721,55 +720,12 @@ def _worker(mode: str, pid: int, port: int, outdir: str) -> None:
         json.dump(result, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(mode, outdir):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-    )
-    port = _free_port()
-    procs = []
-    for pid in range(PROCS):
-        log = open(os.path.join(outdir, f"{mode}_log{pid}.txt"), "w")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, "worker", mode, str(pid), str(port), outdir],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        log.close()
-    return procs
+    return processes.start(__file__, PROCS, LOCAL_DEVICES, outdir, mode, prefix=f"{mode}_")
 
 
 def _logs(mode, outdir):
-    return [
-        open(os.path.join(outdir, f"{mode}_log{pid}.txt")).read()[-3000:] for pid in range(PROCS)
-    ]
-
-
-def _kill(procs):
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-    for proc in procs:
-        proc.wait()
-
-
-def _wait(procs, timeout):
-    deadline = time.monotonic() + timeout
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        _kill(procs)  # timed out: end both, then fail
+    return [log[-3000:] for log in processes.logs(outdir, PROCS, prefix=f"{mode}_")]
 
 
 def _load(path):
@@ -799,7 +755,7 @@ def test_two_processes_resume_fsdp_training_bit_identically(tmp_path):
         killed_at = sorted(os.listdir(backup_dir))
         shutil.copytree(backup_dir, tmp_path / "backup_copy")
     finally:
-        _kill(procs)
+        processes.kill(procs)
     assert all(p.returncode == -signal.SIGKILL for p in procs)
 
     # The backup: a manifest and its 2 shard files, and the previous one with its own 2.
@@ -837,7 +793,7 @@ def test_two_processes_resume_fsdp_training_bit_identically(tmp_path):
 
     # 2. Restart: both processes resume from the backup and finish.
     procs = _start("resume", outdir)
-    _wait(procs, 240)
+    processes.wait(procs, 240)
     for proc, log in zip(procs, _logs("resume", outdir)):
         assert proc.returncode == 0, log
     assert not backup_dir.exists()  # deleted with its shard files once training completed
