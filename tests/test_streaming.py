@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec
+from test_long_runs import Crash, crash_at
 
 import hkfit
 from hkfit import _host_rows as host_rows
@@ -320,22 +321,6 @@ def test_the_next_chunk_is_sent_before_the_work_on_the_previous_is_waited_for():
 
 
 # --- resume ----------------------------------------------------------------------------
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(epoch, batch):
-    now = {}
-
-    def on_batch_end(b, logs):
-        if now.get("epoch") == epoch and b >= batch:
-            raise Crash(f"crash in epoch {epoch} after batch {b}")
-
-    return C.LambdaCallback(
-        on_epoch_begin=lambda e, logs: now.update(epoch=e), on_train_batch_end=on_batch_end
-    )
 
 
 def test_a_mid_epoch_backup_resumes_bit_identically(tmp_path):
