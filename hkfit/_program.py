@@ -263,6 +263,8 @@ class Program:
         def build():
             step = self._keyed_eval_step()
             options = self.layout.step_options("eval_blocks" if blocked else "eval")
+            if self.couples_rows and "multiple" in options:  # never pad a batch of coupled
+                options["multiple"] = 1  # rows for the devices: it runs whole, unsplit
             run = step_lib.make_fused_eval(step, batch_size, fuse, keyed=True, **options)
             return self._jit_keyed(run)
 

@@ -270,3 +270,30 @@ def test_predict_places_chunks_not_the_whole_input(monkeypatch):
     out = m.predict(x, batch_size=1000)
     assert len(placed) > 5 and max(placed) <= 80_000  # each device holds one chunk at a time
     np.testing.assert_allclose(out, one.predict(x, batch_size=1000), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["sharded", "replicated"])
+def test_a_loss_that_couples_rows_evaluates_on_the_one_device_batches(placement):
+    """Its value depends on which rows share a batch: evaluate places such rows on every
+    device and takes the one-device batches, never padded for the devices (25 rows on 8
+    devices run whole), and the short last one at its real size."""
+
+    def centered(y_true, y_pred):
+        error = y_pred[:, 0] - y_true
+        return (error - jnp.mean(error)) ** 2
+
+    centered.couples_rows = True
+
+    def build(distribution=None):
+        return hkfit.Model(
+            lambda x: hk.Linear(1)(x), loss=centered, seed=0, distribution=distribution
+        )
+
+    y = X[:, 0] * 2.0
+    sharded, one = build(hkfit.DataParallel(data_placement=placement)), build()
+    sharded.fit(X, y, batch_size=BATCH, epochs=1, verbose=0)
+    one.init(X[:2])
+    one.params = host(sharded.params)
+    a = sharded.evaluate(X, y, batch_size=25, verbose=0)
+    b = one.evaluate(X, y, batch_size=25, verbose=0)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
