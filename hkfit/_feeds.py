@@ -504,11 +504,13 @@ class EvalArrays:
         self.n = data_lib.num_rows(data.x, "x")
         self.batch_size = min(batch_size, self.n)
         self.on_host = not resident and layout.streams_inference
-        self.layout, self._host = layout, data
+        self.layout = layout
+        self._host: Batch | None = None  # kept only while the rows may need re-placing
         self.blocks: row_blocks.BlockPlan | None = None
         if self.on_host:
             self.data = data
         elif layout.shards_rows:  # one block of rows per device
+            self._host = data
             self.blocks = row_blocks.BlockPlan(self.n, layout.local_blocks()[1])
             self.data = layout.place_blocks(self.blocks.split(data))
             self.local_width = -(-self.batch_size // layout.num_replicas)
@@ -526,6 +528,7 @@ class EvalArrays:
         """Places the rows on every device instead of in blocks (for coupled rows)."""
         if self.blocks is not None:
             self.blocks, self.data = None, self.layout.place_rows(self._host)
+            self._host = None
 
     def segments(
         self, program: Any, params: Any, state: Any, fused: bool, steps: int | None = None
