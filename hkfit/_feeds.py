@@ -191,10 +191,8 @@ class TrainArrays:
         self.blocks: row_blocks.BlockPlan | None = None
         if layout.shards_rows:  # one block of rows per device
             _, count = layout.local_blocks()
-            plan = row_blocks.BlockPlan(self.n, count)
-            self.blocks = row_blocks.BlockPlan(
-                self.n, count, bucket(plan.capacity) if small else plan.capacity
-            )
+            largest = max(-(-self.n // count), 1)  # the rows of the largest block
+            self.blocks = row_blocks.BlockPlan(self.n, count, bucket(largest) if small else None)
             self.local_batch_size = micro_batch_size // count * accumulation_steps
             micro_batch_size = batch_size  # the gathered batch is the global batch
         self.accumulation = (
